@@ -1,0 +1,218 @@
+"""Normalizations against independent float64 references and torch built-ins (SPEC §1)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from normrnn import NORMS, UnknownNameError, tanh_variance
+from normrnn.cells import LSTMLayer
+from normrnn.norms import linf_constant
+from scipy import integrate
+
+EPS = 1e-5
+
+
+def term(name, features=8, groups=2, max_steps=4, **opts):
+    """The input-term module of a registered activation norm."""
+    return NORMS[name](hidden_size=features // groups, gates=groups, max_steps=max_steps, **opts).x
+
+
+def test_bn_per_step_statistics_by_hand():
+    bn = term("bn").double()
+    a = torch.randn(3, 16, 8, dtype=torch.float64) * 3 + 1
+    out = bn(a).detach().numpy()
+    x, gamma = a.numpy(), bn.weight.detach().numpy()
+    assert gamma == pytest.approx(0.1)  # Cooijmans' initialisation
+    for t in range(3):
+        mu = x[t].mean(0)
+        var = ((x[t] - mu) ** 2).mean(0)
+        np.testing.assert_allclose(out[t], gamma * (x[t] - mu) / np.sqrt(var + EPS), rtol=1e-10)
+        np.testing.assert_allclose(bn.running_mean[t].numpy(), 0.05 * mu, rtol=1e-10)
+        np.testing.assert_allclose(bn.running_stat[t].numpy(), 0.95 + 0.05 * var, rtol=1e-10)
+    assert int(bn.steps_seen) == 3
+    # step 3 was never seen: untouched
+    assert torch.equal(bn.running_mean[3], torch.zeros(8, dtype=torch.float64))
+
+
+def test_bn_eval_uses_population_statistics_and_reuses_t_max():
+    bn = term("bn", max_steps=10).double()
+    for _ in range(5):
+        bn(torch.randn(3, 32, 8, dtype=torch.float64) * 2 + 0.5)
+    bn.eval()
+    a = torch.randn(6, 4, 8, dtype=torch.float64)
+    out = bn(a).detach()
+    for t in range(6):
+        s = min(t, 2)  # trained on 3 steps: T_max = 3
+        ref = bn.weight * (a[t] - bn.running_mean[s]) / torch.sqrt(bn.running_stat[s] + EPS)
+        torch.testing.assert_close(out[t], ref)
+    # eval output of one example does not depend on the rest of the batch
+    torch.testing.assert_close(bn(a[:, :1]), out[:, :1])
+
+
+def test_bn_shared_uses_statistics_over_all_steps():
+    bn = term("bn_shared").double()
+    a = torch.randn(3, 16, 8, dtype=torch.float64)
+    x = a.numpy().reshape(-1, 8)
+    ref = bn.weight.detach().numpy() * (a.numpy() - x.mean(0)) / np.sqrt(x.var(0) + EPS)
+    np.testing.assert_allclose(bn(a).detach().numpy(), ref, rtol=1e-10)
+    assert bn.running_mean.shape == (1, 8)
+
+
+def test_l1_bn_estimates_sigma_on_gaussian_data():
+    bn = term("l1bn", features=64, groups=1)
+    a = torch.randn(1, 8192, 64) * 2.0 + 3.0
+    bn(a)
+    sigma = bn.running_stat[0] / 0.05 - 0.95 / 0.05  # invert the first running-average update
+    assert sigma.mean().item() == pytest.approx(2.0, rel=0.03)
+    out = bn(a).detach() / 0.1
+    assert out.std().item() == pytest.approx(1.0, rel=0.03)
+
+
+def test_linf_constant_and_estimate():
+    n = 64
+    hand = 0.5 * (1 + np.sqrt(np.pi * np.log(4))) / np.sqrt(2 * np.log(n))
+    assert linf_constant(n) == pytest.approx(hand, rel=1e-12)
+    assert linf_constant(n) == pytest.approx(0.5352, abs=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        linf_constant(1)
+    bn = term("linfbn", features=512, groups=1).double()
+    a = torch.randn(1, n, 512, dtype=torch.float64) * 2.0
+    bn(a)
+    est = (bn.running_stat[0] - 0.95) / 0.05
+    top = (a - a.mean(1, keepdim=True)).abs().max(1).values[0]
+    torch.testing.assert_close(est, linf_constant(n) * top)
+    # the estimate is proportional to σ (here C(n) E max|x - μ| ≈ 1.4σ at n = 64: the learned
+    # gain absorbs the constant factor)
+    bn2 = term("linfbn", features=512, groups=1).double()
+    bn2(a * 3)
+    torch.testing.assert_close((bn2.running_stat[0] - 0.95) / 0.05, 3 * est)
+
+
+def test_linf_top_k_averages_the_k_largest():
+    bn = term("linfbn", features=4, groups=1, k=3).double()
+    a = torch.randn(1, 20, 4, dtype=torch.float64)
+    bn(a)
+    c = (a - a.mean(1, keepdim=True)).abs()[0].sort(0, descending=True).values[:3].mean(0)
+    torch.testing.assert_close((bn.running_stat[0] - 0.95) / 0.05, linf_constant(20) * c)
+
+
+def test_rms_equals_torch_rmsnorm_per_gate():
+    rms = term("rms", features=12, groups=3)
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(12))
+    a = torch.randn(2, 5, 12)
+    out = rms(a)
+    for g in range(3):
+        ref = torch.nn.RMSNorm(4, eps=EPS)
+        with torch.no_grad():
+            ref.weight.copy_(rms.weight[4 * g : 4 * g + 4])
+        torch.testing.assert_close(out[..., 4 * g : 4 * g + 4], ref(a[..., 4 * g : 4 * g + 4]))
+
+
+def test_ln_equals_torch_layernorm_per_gate():
+    ln = term("ln", features=12, groups=3)
+    a = torch.randn(2, 5, 12) * 4 + 2
+    out = ln(a)
+    for g in range(3):
+        ref = torch.nn.LayerNorm(4, eps=EPS)
+        torch.testing.assert_close(out[..., 4 * g : 4 * g + 4], ref(a[..., 4 * g : 4 * g + 4]))
+
+
+def test_prms_uses_only_the_first_k_units():
+    prms = term("prms", features=64, groups=2, p=0.25).double()  # H = 32, k = 8
+    assert prms.k == 8
+    a = torch.randn(1, 3, 64, dtype=torch.float64)
+    g = a.numpy().reshape(1, 3, 2, 32)
+    ref = g / np.sqrt((g[..., :8] ** 2).mean(-1, keepdims=True) + EPS)
+    np.testing.assert_allclose(prms(a).detach().numpy().reshape(1, 3, 2, 32), ref, rtol=1e-10)
+    b = a.clone()
+    b[..., 8:32] *= 100  # units past k do not move the scale
+    torch.testing.assert_close(prms(b)[..., :8], prms(a)[..., :8])
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.8, 1.0, 2.0])
+def test_normprop_variance_matches_numerical_integration(gamma):
+    def integrand(z):
+        return np.tanh(gamma * z) ** 2 * np.exp(-(z**2) / 2) / np.sqrt(2 * np.pi)
+
+    ref, _ = integrate.quad(integrand, -np.inf, np.inf)
+    assert tanh_variance(gamma) == pytest.approx(ref, abs=1e-9)
+
+
+def test_normprop_reference_constants():
+    assert tanh_variance(0.1) == pytest.approx(0.0098, abs=1e-4)
+    assert tanh_variance(0.8) == pytest.approx(0.3150, abs=1e-3)
+    assert tanh_variance(1.0) == pytest.approx(0.3944, abs=1e-3)
+
+
+def test_normprop_rows_have_the_fixed_gain():
+    layer = LSTMLayer(3, 5, norm="normprop", norm_opts={"gamma_x": 0.7, "gamma_h": 0.3})
+    w_ih, w_hh = layer.effective_weights()
+    torch.testing.assert_close(w_ih.norm(dim=1), torch.full((20,), 0.7))
+    torch.testing.assert_close(w_hh.norm(dim=1), torch.full((20,), 0.3))
+
+
+def test_weight_norm_equals_torch_weight_norm():
+    layer = LSTMLayer(3, 5, norm="wn")
+    with torch.no_grad():
+        layer.norm.g_hh.mul_(torch.rand(20, 1) + 0.5)
+    ref = torch.nn.Linear(5, 20, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight_hh)
+    ref = torch.nn.utils.parametrizations.weight_norm(ref, dim=0)
+    with torch.no_grad():
+        ref.parametrizations.weight.original0.copy_(layer.norm.g_hh)
+    torch.testing.assert_close(layer.effective_weights()[1], ref.weight)
+    # a row that ternary quantization zeroes stays zero instead of becoming NaN
+    tw = LSTMLayer(3, 5, norm="wn", quant="tc")
+    with torch.no_grad():
+        tw.weight_hh[0] = 1e-3
+    w_hh = tw.effective_weights()[1]
+    assert torch.isfinite(w_hh).all() and w_hh[0].abs().sum() == 0
+    fixed = LSTMLayer(3, 5, norm="wn", norm_opts={"fixed_scale": True})
+    assert not fixed.norm.g_ih.requires_grad
+
+
+def cell_output(norm, scale_weights=1.0, seed=0):
+    torch.manual_seed(seed)
+    opts = {} if norm == "wn" else {"eps": 1e-12}
+    layer = LSTMLayer(3, 6, norm=norm, max_steps=4, norm_opts=opts).double()
+    with torch.no_grad():
+        layer.weight_ih.mul_(scale_weights)
+        layer.weight_hh.mul_(scale_weights)
+    x = torch.randn(4, 16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return layer(x)[0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.2, 20.0), st.integers(0, 1000), st.sampled_from(["ln", "rms"]))
+def test_layer_norms_are_invariant_to_input_scale(s, seed, norm):
+    t = term(norm, features=16, groups=4, eps=0.0).double()
+    a = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(t(a * s), t(a))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.2, 20.0), st.integers(0, 1000), st.sampled_from(["bn", "wn", "l1bn"]))
+def test_bn_and_wn_are_invariant_to_weight_scale(s, seed, norm):
+    # eps is the only scale-dependent part: set to 1e-12 here
+    ref = cell_output(norm, seed=seed)
+    torch.testing.assert_close(cell_output(norm, scale_weights=s, seed=seed), ref)
+
+
+def test_unknown_norm_lists_valid_names():
+    with pytest.raises(
+        UnknownNameError, match="unknown norm 'batchnorm'; valid names: bn, bn_shared"
+    ):
+        NORMS["batchnorm"]
+
+
+def test_invalid_norm_options_are_refused():
+    with pytest.raises(ValueError, match="p must be"):
+        term("prms", p=0.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        term("bn", max_steps=0)
+    assert math.isfinite(tanh_variance(3.0))

@@ -1,0 +1,175 @@
+"""Recurrent layers: an LSTM and a GRU with any norm × quantizer, and a stack of them.
+
+Weights use ``torch.nn.LSTM``/``GRU``'s layout and gate order (LSTM: i, f, g, o; GRU: r, z, n)
+so that a plain layer can be compared with, and loaded from, the fused modules. Per sequence
+the weights are quantized (per gate block) and transformed by the norm once; the input
+projection of all steps (and its normalization) is computed before the time loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norms import NORMS
+from .quantizers import QUANTIZERS, quantize_blocks
+from .registry import Registry
+
+CELLS = Registry("cell")
+
+
+class RecurrentLayer(nn.Module):
+    """One recurrent layer over (T, B, input_size) sequences; subclasses define the step."""
+
+    gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        norm: str = "none",
+        quant: str = "fp",
+        max_steps: int = 1,
+        norm_opts: dict | None = None,
+        init_scale: float = 1.0,
+        hh_init: str = "orthogonal",
+        forget_bias: float = 1.0,
+    ):
+        super().__init__()
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(
+                f"sizes must be positive, got input {input_size}, hidden {hidden_size}"
+            )
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.norm_name, self.quant_name = norm, quant
+        size = self.gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.quant = QUANTIZERS[quant]
+        if self.quant.uses_preconditioner:
+            # The loss-aware quantizers' diagonal preconditioner, refreshed from the optimizer
+            # after each step (see training.update_preconditioners) and saved with the model.
+            self.register_buffer("d_ih", torch.ones(size, input_size))
+            self.register_buffer("d_hh", torch.ones(size, hidden_size))
+        else:
+            self.d_ih = self.d_hh = None
+        self.norm = NORMS[norm](
+            hidden_size=hidden_size, gates=self.gates, max_steps=max_steps, **(norm_opts or {})
+        )
+        self.reset_parameters(init_scale, hh_init, forget_bias)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_scale=1.0, hh_init="orthogonal", forget_bias=1.0):
+        for w in self.weight_ih.chunk(self.gates, 0):
+            nn.init.orthogonal_(w)
+        for w in self.weight_hh.chunk(self.gates, 0):
+            if hh_init == "identity":
+                w.copy_(torch.eye(self.hidden_size))
+            elif hh_init == "orthogonal":
+                nn.init.orthogonal_(w)
+            else:
+                raise ValueError(f"hh_init must be 'orthogonal' or 'identity', got {hh_init!r}")
+        self.weight_ih.mul_(init_scale)
+        self.weight_hh.mul_(init_scale)
+        self.bias.zero_()
+        self._init_bias(forget_bias)
+        self.norm.init_weights(*self.quantized_weights())
+
+    def _init_bias(self, forget_bias):
+        pass
+
+    def quantized_weights(self):
+        w_ih = quantize_blocks(self.quant, self.weight_ih, self.gates, self.d_ih)
+        w_hh = quantize_blocks(self.quant, self.weight_hh, self.gates, self.d_hh)
+        return w_ih, w_hh
+
+    def effective_weights(self):
+        """The weights the recurrence uses: quantized, then transformed by the norm."""
+        w_ih, w_hh = self.quantized_weights()
+        return self.norm.weight_ih(w_ih), self.norm.weight_hh(w_hh)
+
+    def forward(self, x: torch.Tensor, state=None):
+        w_ih, w_hh = self.effective_weights()
+        xp = self.norm.input_term(F.linear(x, w_ih), 0) + self.bias
+        if state is None:
+            state = self.initial_state(x)
+        outputs = []
+        for t, xt in enumerate(xp.unbind(0)):
+            state = self.step(xt, state, w_hh, t)
+            outputs.append(state[0])
+        return torch.stack(outputs), state
+
+    def initial_state(self, x):
+        return (x.new_zeros(x.shape[1], self.hidden_size),)
+
+
+@CELLS.register("lstm")
+class LSTMLayer(RecurrentLayer):
+    """LSTM: c_t = σ(f) c_{t-1} + σ(i) tanh(g); h_t = σ(o) tanh(c_t) with the norm's hooks."""
+
+    gates = 4
+
+    def _init_bias(self, forget_bias):
+        self.bias[self.hidden_size : 2 * self.hidden_size].fill_(forget_bias)
+
+    def initial_state(self, x):
+        zeros = x.new_zeros(x.shape[1], self.hidden_size)
+        return zeros, zeros
+
+    def step(self, xt, state, w_hh, t):
+        h, c = state
+        i, f, g, o = (xt + self.norm.hidden_term(h @ w_hh.t(), t)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * self.norm.candidate(g)
+        h = torch.sigmoid(o) * self.norm.cell_output(c, t)
+        return h, c
+
+
+@CELLS.register("gru")
+class GRULayer(RecurrentLayer):
+    """GRU (torch.nn.GRU's form): n = tanh(x_n + r ⊙ (W_hn h + b_hn)); h' = (1-z) n + z h.
+
+    ``bias`` holds b_ir + b_hr, b_iz + b_hz and b_in; ``bias_hn`` is the recurrent bias of n
+    inside the reset gate. The norm hooks apply to the input and hidden terms and to n's tanh.
+    """
+
+    gates = 3
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.bias_hn = nn.Parameter(torch.zeros(self.hidden_size))
+
+    def step(self, xt, state, w_hh, t):
+        (h,) = state
+        xr, xz, xn = xt.chunk(3, 1)
+        hr, hz, hn = self.norm.hidden_term(h @ w_hh.t(), t).chunk(3, 1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = self.norm.candidate(xn + r * (hn + self.bias_hn))
+        return ((1 - z) * n + z * h,)
+
+
+class StackedRNN(nn.Module):
+    """``num_layers`` recurrent layers with dropout between them."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, cell="lstm", dropout=0.0, **layer_kw):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layer = CELLS[cell]
+        self.layers = nn.ModuleList(
+            layer(input_size if i == 0 else hidden_size, hidden_size, **layer_kw)
+            for i in range(num_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, states=None):
+        states = states or [None] * len(self.layers)
+        new_states = []
+        for i, (layer, state) in enumerate(zip(self.layers, states)):
+            if i:
+                x = self.dropout(x)
+            x, state = layer(x, state)
+            new_states.append(state)
+        return x, new_states

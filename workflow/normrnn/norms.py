@@ -1,0 +1,332 @@
+"""Normalizations for recurrent cells (SPEC §1), selectable by name from ``NORMS``.
+
+A norm is a :class:`CellNorm`: a module whose hooks the cell calls at fixed places.
+
+* ``weight_ih(w)``, ``weight_hh(w)``: transform the (already quantized) weights, once per
+  sequence (weight norm, normalization propagation).
+* ``input_term(a, t0)``: normalize ``W_x x`` for all steps at once, ``a`` is (T, B, gates*H).
+* ``hidden_term(a, t)``: normalize ``W_h h_{t-1}`` at step ``t``, ``a`` is (B, gates*H).
+* ``candidate(g)``: the cell-input nonlinearity (tanh).
+* ``cell_output(c, t)``: ``tanh`` of (optionally normalized) ``c_t`` for ``h_t``.
+
+Activation normalizations (BN, LN, RMS, ...) are one *term* module each (below), wrapped by
+:class:`ActivationNorm` which puts one instance on the input term, one on the hidden term and,
+optionally, one on ``c_t``. Adding a normalization means one term class and one registry line.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Registry
+
+NORMS = Registry("norm")
+
+
+class CellNorm(nn.Module):
+    """The plain cell: every hook is the identity (or tanh)."""
+
+    def __init__(self, hidden_size: int, gates: int, max_steps: int = 1):
+        super().__init__()
+        self.hidden_size, self.gates, self.max_steps = hidden_size, gates, max_steps
+
+    def init_weights(self, w_ih: torch.Tensor, w_hh: torch.Tensor) -> None:
+        """Called once with the initial effective (quantized) weights."""
+
+    def weight_ih(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def weight_hh(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def input_term(self, a: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        return a
+
+    def hidden_term(self, a: torch.Tensor, t: int) -> torch.Tensor:
+        return a
+
+    def candidate(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(g)
+
+    def cell_output(self, c: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.tanh(c)
+
+
+NORMS.register("none", CellNorm)
+
+
+# --------------------------------------------------------------------------- term modules
+class TermNorm(nn.Module):
+    """Normalizes a (T, B, features) block of consecutive steps starting at step ``t0``.
+
+    Gains ``weight`` (init ``gamma_init``) and, if ``bias``, shifts (init 0) per feature.
+    ``groups`` splits the features into equal blocks (the gates) normalized separately by the
+    layer-wise norms; batch norms are per feature and ignore it.
+    """
+
+    def __init__(self, features, groups=1, max_steps=1, gamma_init=1.0, bias=False):
+        super().__init__()
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.features, self.groups, self.max_steps = features, groups, max_steps
+        self.weight = nn.Parameter(torch.full((features,), float(gamma_init)))
+        self.bias = nn.Parameter(torch.zeros(features)) if bias else None
+
+    def affine(self, y: torch.Tensor) -> torch.Tensor:
+        y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+    def grouped(self, a: torch.Tensor) -> torch.Tensor:
+        return a.reshape(*a.shape[:-1], self.groups, self.features // self.groups)
+
+
+class GroupLayerNorm(TermNorm):
+    """Layer norm (Ba et al. 2016) per gate block, via ``F.layer_norm``."""
+
+    def __init__(self, *args, eps=1e-5, **kw):
+        super().__init__(*args, **kw)
+        self.eps = eps
+
+    def forward(self, a, t0=0):
+        g = self.grouped(a)
+        return self.affine(F.layer_norm(g, g.shape[-1:], eps=self.eps).reshape(a.shape))
+
+
+class GroupRMSNorm(TermNorm):
+    """RMSNorm (Zhang & Sennrich 2019) per gate block: a / sqrt(mean(a²) + eps), via F.rms_norm."""
+
+    def __init__(self, *args, eps=1e-5, **kw):
+        super().__init__(*args, **kw)
+        self.eps = eps
+
+    def forward(self, a, t0=0):
+        g = self.grouped(a)
+        return self.affine(F.rms_norm(g, g.shape[-1:], eps=self.eps).reshape(a.shape))
+
+
+class PartialRMSNorm(TermNorm):
+    """pRMSNorm: the RMS is estimated from the first k = int(n p) units of each block."""
+
+    def __init__(self, *args, p=0.0625, eps=1e-5, **kw):
+        super().__init__(*args, **kw)
+        if not 0 < p <= 1:
+            raise ValueError(f"prms: p must be in (0, 1], got {p}")
+        self.eps = eps
+        self.k = max(1, int(self.features // self.groups * p))
+
+    def forward(self, a, t0=0):
+        g = self.grouped(a)
+        rms = g[..., : self.k].pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
+        return self.affine((g / rms).reshape(a.shape))
+
+
+class BatchNormTerm(TermNorm):
+    """Batch norm (Cooijmans et al. 2016) with per-time-step statistics.
+
+    Training normalizes with the batch statistics of each step; population statistics are an
+    exponential average per step (``momentum`` of the new value). In eval mode step ``t`` uses
+    the population statistics of ``min(t, T_max - 1)`` where T_max is the number of steps seen
+    in training (at most ``max_steps``). With ``shared=True`` one set of statistics serves
+    every step: batch statistics over all steps of the block, one population average.
+    Subclasses change the scale estimator (:meth:`statistic` and :meth:`denominator`).
+    """
+
+    def __init__(self, *args, eps=1e-5, momentum=0.05, shared=False, **kw):
+        super().__init__(*args, **kw)
+        self.eps, self.momentum, self.shared = eps, momentum, shared
+        slots = 1 if shared else self.max_steps
+        self.register_buffer("running_mean", torch.zeros(slots, self.features))
+        self.register_buffer("running_stat", torch.ones(slots, self.features))
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    def statistic(self, centered: torch.Tensor) -> torch.Tensor:
+        """Per-feature statistic over dim 1 (the batch) that the population average keeps."""
+        return centered.pow(2).mean(1, keepdim=True)
+
+    def denominator(self, stat: torch.Tensor) -> torch.Tensor:
+        return (stat + self.eps).sqrt()
+
+    def forward(self, a, t0=0):
+        x = a.reshape(1, -1, a.shape[-1]) if self.shared else a
+        if self.training:
+            mean = x.mean(1, keepdim=True)
+            centered = x - mean
+            stat = self.statistic(centered)
+            self._update(mean[:, 0].detach(), stat[:, 0].detach(), t0)
+        else:
+            idx = self._slots(t0, x.shape[0], x.device)
+            mean, stat = self.running_mean[idx, None], self.running_stat[idx, None]
+            centered = x - mean
+        return self.affine((centered / self.denominator(stat)).reshape(a.shape))
+
+    def _slots(self, t0, steps, device):
+        if self.shared:
+            return torch.zeros(1, dtype=torch.long, device=device)
+        last = max(int(self.steps_seen), 1) - 1
+        return torch.arange(t0, t0 + steps, device=device).clamp(max=last)
+
+    @torch.no_grad()
+    def _update(self, mean, stat, t0):
+        m, slots = self.momentum, self.running_mean.shape[0]
+        if self.shared:
+            self.running_mean.lerp_(mean.mean(0, keepdim=True), m)
+            self.running_stat.lerp_(stat.mean(0, keepdim=True), m)
+            self.steps_seen.fill_(1)
+            return
+        end = min(t0 + mean.shape[0], slots)
+        if end <= t0:
+            return
+        self.running_mean[t0:end].lerp_(mean[: end - t0], m)
+        self.running_stat[t0:end].lerp_(stat[: end - t0], m)
+        self.steps_seen.clamp_(min=end)
+
+
+class L1BatchNorm(BatchNormTerm):
+    """L1 batch norm (Hoffer et al. 2018): σ ≈ sqrt(π/2) mean|x - μ|."""
+
+    def statistic(self, centered):
+        return math.sqrt(math.pi / 2) * centered.abs().mean(1, keepdim=True)
+
+    def denominator(self, stat):
+        return stat + self.eps
+
+
+def linf_constant(n: int) -> float:
+    """C(n) = 0.5 (1 + sqrt(π ln 4)) / sqrt(2 ln n) (Hoffer et al. 2018)."""
+    if n < 2:
+        raise ValueError(f"L-inf batch norm needs at least 2 elements per unit, got {n}")
+    return 0.5 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(n))
+
+
+class LinfBatchNorm(L1BatchNorm):
+    """L∞ (top-k) batch norm (Hoffer et al. 2018): σ ≈ C(n) · mean of the k largest |x - μ|."""
+
+    def __init__(self, *args, k=1, **kw):
+        super().__init__(*args, **kw)
+        self.k = k
+
+    def statistic(self, centered):
+        n = centered.shape[1]
+        top = centered.abs().topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
+        return linf_constant(n) * top
+
+
+# --------------------------------------------------------------------------- cell norms
+class ActivationNorm(CellNorm):
+    """Normalizes ``W_x x`` and ``W_h h`` separately with one ``term`` module each and, when
+    ``norm_cell``, ``c_t`` before the output tanh (with a shift β_c, as in Cooijmans et al.)."""
+
+    def __init__(
+        self,
+        term,
+        hidden_size,
+        gates,
+        max_steps=1,
+        *,
+        gamma_init=1.0,
+        norm_cell=False,
+        **term_opts,
+    ):
+        super().__init__(hidden_size, gates, max_steps)
+        size = gates * hidden_size
+        make = partial(term, max_steps=max_steps, gamma_init=gamma_init, **term_opts)
+        self.x = make(size, groups=gates)
+        self.h = make(size, groups=gates)
+        self.c = make(hidden_size, groups=1, bias=True) if norm_cell else None
+
+    def input_term(self, a, t0=0):
+        return self.x(a, t0)
+
+    def hidden_term(self, a, t):
+        return self.h(a.unsqueeze(0), t)[0]
+
+    def cell_output(self, c, t):
+        return torch.tanh(c if self.c is None else self.c(c.unsqueeze(0), t)[0])
+
+
+class WeightNorm(CellNorm):
+    """Weight norm (Salimans & Kingma 2016) per output row of W_x and W_h: g_j v_j / ||v_j||.
+
+    The gains start at the row norms of the initial (quantized) weights, so the initial cell
+    equals the unnormalized one. ``fixed_scale`` freezes them (Hoffer et al.'s bounded WN).
+    """
+
+    def __init__(self, hidden_size, gates, max_steps=1, fixed_scale=False):
+        super().__init__(hidden_size, gates, max_steps)
+        self.fixed_scale = fixed_scale
+        size = gates * hidden_size
+        self.g_ih = nn.Parameter(torch.ones(size, 1), requires_grad=not fixed_scale)
+        self.g_hh = nn.Parameter(torch.ones(size, 1), requires_grad=not fixed_scale)
+
+    @torch.no_grad()
+    def init_weights(self, w_ih, w_hh):
+        self.g_ih.copy_(w_ih.norm(dim=1, keepdim=True))
+        self.g_hh.copy_(w_hh.norm(dim=1, keepdim=True))
+
+    def weight_ih(self, w):
+        return self.g_ih * unit_rows(w)
+
+    def weight_hh(self, w):
+        return self.g_hh * unit_rows(w)
+
+
+def unit_rows(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; an all-zero row (ternary weights can give one) stays zero."""
+    return w / w.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def tanh_variance(gamma: float) -> float:
+    """Var[tanh(γ z)], z ~ N(0, 1): the trapezoid rule on [-12, 12], which converges
+    exponentially for this smooth, fast-decaying integrand (Gauss-Hermite does not at large γ)."""
+    z = np.linspace(-12.0, 12.0, 24_001)
+    pdf = np.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
+    return float(np.trapezoid(np.tanh(gamma * z) ** 2 * pdf, z))
+
+
+class NormProp(CellNorm):
+    """Normalized LSTM (Laurent et al. 2017): normalization propagation, no batch statistics.
+
+    Rows of W_x and W_h are normalized and scaled by fixed gains γ_x and γ_h; the candidate is
+    ``tanh(g) / sqrt(Var[tanh(γ_g z)])`` with γ_g = sqrt(γ_x² + γ_h²), the standard deviation
+    of the pre-activation when the inputs have unit variance; ``h_t = σ(o) tanh(γ_c c_t) /
+    sqrt(Var[tanh(γ_c z)])``. The variances are computed by quadrature.
+    """
+
+    def __init__(self, hidden_size, gates, max_steps=1, gamma_x=1.0, gamma_h=1.0, gamma_c=1.0):
+        super().__init__(hidden_size, gates, max_steps)
+        self.gamma_x, self.gamma_h, self.gamma_c = gamma_x, gamma_h, gamma_c
+        self.std_g = math.sqrt(tanh_variance(math.hypot(gamma_x, gamma_h)))
+        self.std_c = math.sqrt(tanh_variance(gamma_c))
+
+    def weight_ih(self, w):
+        return self.gamma_x * unit_rows(w)
+
+    def weight_hh(self, w):
+        return self.gamma_h * unit_rows(w)
+
+    def candidate(self, g):
+        return torch.tanh(g) / self.std_g
+
+    def cell_output(self, c, t):
+        return torch.tanh(self.gamma_c * c) / self.std_c
+
+
+def _activation(term, **defaults):
+    return partial(ActivationNorm, term, **defaults)
+
+
+NORMS.register("bn", _activation(BatchNormTerm, gamma_init=0.1, norm_cell=True))
+NORMS.register("bn_shared", _activation(BatchNormTerm, gamma_init=0.1, norm_cell=True, shared=True))
+NORMS.register("ln", _activation(GroupLayerNorm))
+NORMS.register("rms", _activation(GroupRMSNorm))
+NORMS.register("prms", _activation(PartialRMSNorm))
+NORMS.register("l1bn", _activation(L1BatchNorm, gamma_init=0.1, norm_cell=True))
+NORMS.register("linfbn", _activation(LinfBatchNorm, gamma_init=0.1, norm_cell=True))
+NORMS.register("wn", WeightNorm)
+NORMS.register("normprop", NormProp)
