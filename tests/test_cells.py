@@ -55,7 +55,7 @@ def test_gradcheck_float64(norm, cell):
     x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
 
     def f(x, *ps):
-        return functional_call(layer, dict(zip(names, ps)), (x,))[0]
+        return functional_call(layer, dict(zip(names, ps, strict=True)), (x,))[0]
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
 

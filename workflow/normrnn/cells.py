@@ -167,7 +167,7 @@ class StackedRNN(nn.Module):
     def forward(self, x, states=None):
         states = states or [None] * len(self.layers)
         new_states = []
-        for i, (layer, state) in enumerate(zip(self.layers, states)):
+        for i, (layer, state) in enumerate(zip(self.layers, states, strict=True)):
             if i:
                 x = self.dropout(x)
             x, state = layer(x, state)

@@ -168,4 +168,4 @@ def quantize_blocks(
     if q.name == "fp":
         return w
     ds = [None] * blocks if d is None else d.chunk(blocks, 0)
-    return torch.cat([q(wb, db) for wb, db in zip(w.chunk(blocks, 0), ds)], 0)
+    return torch.cat([q(wb, db) for wb, db in zip(w.chunk(blocks, 0), ds, strict=True)], 0)
