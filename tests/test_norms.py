@@ -30,9 +30,28 @@ def test_bn_per_step_statistics_by_hand():
         mu = x[t].mean(0)
         var = ((x[t] - mu) ** 2).mean(0)
         np.testing.assert_allclose(out[t], gamma * (x[t] - mu) / np.sqrt(var + EPS), rtol=1e-10)
-        np.testing.assert_allclose(bn.running_mean[t].numpy(), 0.05 * mu, rtol=1e-10)
-        np.testing.assert_allclose(bn.running_stat[t].numpy(), 0.95 + 0.05 * var, rtol=1e-10)
+        # the first update replaces the initial values (no start-up bias)
+        np.testing.assert_allclose(bn.running_mean[t].numpy(), mu, rtol=1e-10)
+        np.testing.assert_allclose(bn.running_stat[t].numpy(), var, rtol=1e-10)
     assert int(bn.steps_seen) == 3
+    first_mean, first_var = bn.running_mean.clone(), bn.running_stat.clone()
+    b = torch.randn(3, 16, 8, dtype=torch.float64)
+    bn(b)
+    y = b.numpy()
+    for t in range(3):
+        mu, var = y[t].mean(0), y[t].var(0)
+        # the k-th update has weight max(momentum, 1/k): here 1/2
+        expect_m = 0.5 * first_mean[t].numpy() + 0.5 * mu
+        np.testing.assert_allclose(bn.running_mean[t].numpy(), expect_m, rtol=1e-10)
+        expect_v = 0.5 * first_var[t].numpy() + 0.5 * var
+        np.testing.assert_allclose(bn.running_stat[t].numpy(), expect_v, rtol=1e-10)
+    for _ in range(30):  # past k = 20 the weight is the momentum, 0.05
+        bn(torch.randn(1, 16, 8, dtype=torch.float64))
+    before = bn.running_mean[0].clone()
+    c = torch.randn(1, 16, 8, dtype=torch.float64)
+    bn(c)
+    torch.testing.assert_close(bn.running_mean[0], 0.95 * before + 0.05 * c[0].mean(0))
+
     # step 3 was never seen: untouched
     assert torch.equal(bn.running_mean[3], torch.zeros(8, dtype=torch.float64))
 
@@ -52,6 +71,20 @@ def test_bn_eval_uses_population_statistics_and_reuses_t_max():
     torch.testing.assert_close(bn(a[:, :1]), out[:, :1])
 
 
+def test_population_statistics_are_the_mean_over_the_training_data():
+    from normrnn.norms import estimate_population_statistics
+
+    layer = LSTMLayer(2, 4, norm="bn", max_steps=5).double()
+    batches = [torch.randn(5, 8, 2, dtype=torch.float64) * (i + 1) for i in range(4)]
+    n = estimate_population_statistics(layer, batches, layer)
+    assert n == 3  # input term, hidden term, cell
+    x = torch.stack([b for b in batches])  # (4, T, B, I)
+    proj = x @ layer.weight_ih.detach().t()  # (4, T, B, 4H)
+    torch.testing.assert_close(layer.norm.x.running_mean, proj.mean(2).mean(0))
+    torch.testing.assert_close(layer.norm.x.running_stat, proj.var(2, unbiased=False).mean(0))
+    assert layer.norm.x.momentum == 0.05
+
+
 def test_bn_shared_uses_statistics_over_all_steps():
     bn = term("bn_shared").double()
     a = torch.randn(3, 16, 8, dtype=torch.float64)
@@ -65,7 +98,7 @@ def test_l1_bn_estimates_sigma_on_gaussian_data():
     bn = term("l1bn", features=64, groups=1)
     a = torch.randn(1, 8192, 64) * 2.0 + 3.0
     bn(a)
-    sigma = bn.running_stat[0] / 0.05 - 0.95 / 0.05  # invert the first running-average update
+    sigma = bn.running_stat[0]  # the first update is the batch statistic
     assert sigma.mean().item() == pytest.approx(2.0, rel=0.03)
     out = bn(a).detach() / 0.1
     assert out.std().item() == pytest.approx(1.0, rel=0.03)
@@ -81,14 +114,14 @@ def test_linf_constant_and_estimate():
     bn = term("linfbn", features=512, groups=1).double()
     a = torch.randn(1, n, 512, dtype=torch.float64) * 2.0
     bn(a)
-    est = (bn.running_stat[0] - 0.95) / 0.05
+    est = bn.running_stat[0]
     top = (a - a.mean(1, keepdim=True)).abs().max(1).values[0]
     torch.testing.assert_close(est, linf_constant(n) * top)
     # the estimate is proportional to σ (here C(n) E max|x - μ| ≈ 1.4σ at n = 64: the learned
     # gain absorbs the constant factor)
     bn2 = term("linfbn", features=512, groups=1).double()
     bn2(a * 3)
-    torch.testing.assert_close((bn2.running_stat[0] - 0.95) / 0.05, 3 * est)
+    torch.testing.assert_close(bn2.running_stat[0], 3 * est)
 
 
 def test_linf_top_k_averages_the_k_largest():
@@ -96,7 +129,7 @@ def test_linf_top_k_averages_the_k_largest():
     a = torch.randn(1, 20, 4, dtype=torch.float64)
     bn(a)
     c = (a - a.mean(1, keepdim=True)).abs()[0].sort(0, descending=True).values[:3].mean(0)
-    torch.testing.assert_close((bn.running_stat[0] - 0.95) / 0.05, linf_constant(20) * c)
+    torch.testing.assert_close(bn.running_stat[0], linf_constant(20) * c)
 
 
 def test_rms_equals_torch_rmsnorm_per_gate():

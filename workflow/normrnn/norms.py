@@ -130,7 +130,10 @@ class BatchNormTerm(TermNorm):
     """Batch norm (Cooijmans et al. 2016) with per-time-step statistics.
 
     Training normalizes with the batch statistics of each step; population statistics are an
-    exponential average per step (``momentum`` of the new value). In eval mode step ``t`` uses
+    exponential average per step: the k-th update has weight max(``momentum``, 1/k), so the
+    first batch replaces the initial values and the average has no start-up bias (with
+    ``momentum = 0`` it is the exact mean over all updates, which
+    :func:`estimate_population_statistics` uses). In eval mode step ``t`` uses
     the population statistics of ``min(t, T_max - 1)`` where T_max is the number of steps seen
     in training (at most ``max_steps``). With ``shared=True`` one set of statistics serves
     every step: batch statistics over all steps of the block, one population average.
@@ -144,6 +147,7 @@ class BatchNormTerm(TermNorm):
         self.register_buffer("running_mean", torch.zeros(slots, self.features))
         self.register_buffer("running_stat", torch.ones(slots, self.features))
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("updates", torch.zeros(slots))
 
     def statistic(self, centered: torch.Tensor) -> torch.Tensor:
         """Per-feature statistic over dim 1 (the batch) that the population average keeps."""
@@ -173,18 +177,48 @@ class BatchNormTerm(TermNorm):
 
     @torch.no_grad()
     def _update(self, mean, stat, t0):
-        m, slots = self.momentum, self.running_mean.shape[0]
         if self.shared:
-            self.running_mean.lerp_(mean.mean(0, keepdim=True), m)
-            self.running_stat.lerp_(stat.mean(0, keepdim=True), m)
-            self.steps_seen.fill_(1)
-            return
-        end = min(t0 + mean.shape[0], slots)
+            mean, stat, t0 = mean.mean(0, keepdim=True), stat.mean(0, keepdim=True), 0
+        end = min(t0 + mean.shape[0], self.running_mean.shape[0])
         if end <= t0:
             return
-        self.running_mean[t0:end].lerp_(mean[: end - t0], m)
-        self.running_stat[t0:end].lerp_(stat[: end - t0], m)
+        n = end - t0
+        self.updates[t0:end] += 1
+        weight = self.updates[t0:end].reciprocal().clamp(min=self.momentum).unsqueeze(1)
+        self.running_mean[t0:end].lerp_(mean[:n], weight)
+        self.running_stat[t0:end].lerp_(stat[:n], weight)
         self.steps_seen.clamp_(min=end)
+
+    def reset_population_statistics(self) -> None:
+        self.running_mean.zero_()
+        self.running_stat.fill_(1.0)
+        self.updates.zero_()
+        self.steps_seen.zero_()
+
+
+@torch.no_grad()
+def estimate_population_statistics(model: nn.Module, batches, forward) -> int:
+    """Cooijmans et al.'s population statistics: the exact mean of the batch statistics over
+    ``batches`` (training data, train-mode forward passes without gradients). Returns the
+    number of batch-norm modules updated."""
+    bns = [m for m in model.modules() if isinstance(m, BatchNormTerm)]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    for m in bns:
+        m.reset_population_statistics()
+        m.momentum = 0.0
+    for batch in batches:
+        forward(batch)
+    for m, (momentum, _) in zip(bns, saved, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(bns)
 
 
 class L1BatchNorm(BatchNormTerm):

@@ -1,0 +1,54 @@
+"""Run snakemake on a temporary copy of the workflow."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def workflow_copy(tmp: Path) -> Path:
+    dest = tmp / "wf"
+    dest.mkdir()
+    shutil.copy(ROOT / "Snakefile", dest)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "workflow", dest / "workflow", ignore=ignore)
+    shutil.copytree(ROOT / "envs", dest / "envs")
+    (dest / "config").mkdir()
+    return dest
+
+
+def write_config(wf: Path, config: dict, name="test.yaml") -> Path:
+    path = wf / "config" / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load_tiny() -> dict:
+    return yaml.safe_load((ROOT / "tests" / "data" / "tiny.yaml").read_text())
+
+
+def snakemake(wf: Path, *args, config="config/test.yaml", check=True, timeout=600):
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", config, *args]
+    proc = subprocess.run(cmd, cwd=wf, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def planned_jobs(wf: Path, config="config/test.yaml") -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job a dry run would execute."""
+    out = snakemake(wf, "-n", config=config).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if not m:
+            continue
+        wc = re.search(r"wildcards: (.*)", block)
+        wildcards = dict(kv.split("=", 1) for kv in wc.group(1).split(", ")) if wc else {}
+        jobs.append((m.group(1), wildcards))
+    return jobs

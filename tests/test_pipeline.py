@@ -1,0 +1,116 @@
+"""The Snakemake pipeline end to end on a tiny config, in a temporary copy."""
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+from pipeline_helpers import load_tiny, planned_jobs, snakemake, workflow_copy, write_config
+
+pytestmark = pytest.mark.pipeline
+N_ALPHA, N_BETA = 2 * 2 * 2, 2  # tasks × norms × quants × seeds
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A tiny workflow run once; tests below read and rerun it."""
+    wf = workflow_copy(tmp_path_factory.mktemp("pipeline"))
+    write_config(wf, load_tiny())
+    snakemake(wf, "--cores", "2")
+    return wf
+
+
+def test_dag_has_one_train_and_evaluate_job_per_run(tmp_path):
+    wf = workflow_copy(tmp_path)
+    write_config(wf, load_tiny())
+    rules = [r for r, _ in planned_jobs(wf)]
+    n = N_ALPHA + N_BETA
+    assert rules.count("train") == n and rules.count("evaluate") == n
+    assert rules.count("fetch") == 2 and rules.count("prepare") == 2
+    assert rules.count("tables") == 2 and rules.count("plots") == 2 and rules.count("summary") == 1
+
+
+def test_summary_has_one_row_per_run_with_finite_metrics(done):
+    df = pd.read_csv(done / "results" / "summary.csv")
+    assert len(df) == N_ALPHA + N_BETA
+    assert set(df["study"]) == {"alpha", "beta"}
+    assert set(zip(df.norm, df.quant, strict=True)) >= {("none", "fp"), ("bn", "bc"), ("ln", "fp")}
+    assert df["test_metric"].map(math.isfinite).all()
+    assert (df["status"] == "ok").all()
+    chars = df[df.task == "chars"]
+    assert (chars["metric"] == "bpc").all() and (chars["test_metric"] > 0).all()
+    digits = df[df.task == "digits"]
+    assert ((digits["test_metric"] >= 0) & (digits["test_metric"] <= 1)).all()
+    # binary weights are stored in 1 bit: the bc model is smaller than the fp one
+    alpha = df[(df.study == "alpha") & (df.task == "digits") & (df.norm == "none")]
+    bits = dict(zip(alpha.quant, alpha.model_bits, strict=True))
+    assert bits["bc"] < bits["fp"]
+
+
+def test_tables_and_report_show_every_variant(done):
+    table = (done / "results" / "studies" / "alpha" / "table.md").read_text()
+    for norm, quant in [("none", "fp"), ("none", "bc"), ("bn", "fp"), ("bn", "bc")]:
+        assert f"| {norm} " in table and f"| {quant} " in table
+    beta = pd.read_csv(done / "results" / "studies" / "beta" / "runs.csv")
+    assert sorted(beta["seed"]) == [1, 2]
+    assert "±" in (done / "results" / "studies" / "beta" / "table.md").read_text()
+    snakemake(done, "--report", "results/report.html")
+    html = (done / "results" / "report.html").read_text()
+    for name in ("curves.png", "metric.png", "cost.png", "table.html", "summary.csv"):
+        assert name in html
+
+
+def test_nothing_to_do_when_nothing_changed(done):
+    out = snakemake(done, "-n").stdout
+    assert "Nothing to be done" in out
+
+
+def test_editing_one_study_reruns_only_its_jobs(done):
+    cfg = load_tiny()
+    cfg["studies"][1]["overrides"] = {"lr": 0.02}  # study beta only
+    write_config(done, cfg, "edited.yaml")
+    jobs = planned_jobs(done, config="config/edited.yaml")
+    per_run = [(r, w) for r, w in jobs if r in ("train", "evaluate")]
+    assert sorted(r for r, _ in per_run) == ["evaluate"] * 2 + ["train"] * 2
+    assert {w["study"] for _, w in per_run} == {"beta"}
+    assert {w.get("study") for r, w in jobs if r in ("tables", "plots")} == {"beta"}
+    assert "fetch" not in [r for r, _ in jobs]
+
+
+BAD = [
+    ("negative learning rate", lambda c: c["tasks"]["digits"].update(lr=-0.1), "tasks.digits.lr"),
+    ("unknown norm", lambda c: c["studies"][0]["norms"].append("groupnorm"), "studies[0].norms[2]"),
+    (
+        "unknown quantizer",
+        lambda c: c["studies"][1]["quants"].append("int8"),
+        "studies[1].quants[1]",
+    ),
+    ("missing key", lambda c: c["tasks"]["chars"].pop("hidden_size"), "tasks.chars"),
+    ("zero seeds", lambda c: c["studies"][0].update(seeds=[]), "studies[0].seeds"),
+    ("unknown task", lambda c: c["studies"][1].update(tasks=["mnist"]), "studies[1].tasks[0]"),
+    ("wrong type", lambda c: c["tasks"]["digits"].update(epochs="ten"), "tasks.digits.epochs"),
+    (
+        "negative size",
+        lambda c: c["tasks"]["digits"].update(hidden_size=-8),
+        "tasks.digits.hidden_size",
+    ),
+    (
+        "unknown source",
+        lambda c: c["datasets"]["pydoc"].update(source="http"),
+        "datasets.pydoc.source",
+    ),
+    ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
+    ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("what,edit,key", BAD, ids=[b[0] for b in BAD])
+def test_invalid_config_is_refused_before_any_job(tmp_path, what, edit, key):
+    wf = workflow_copy(tmp_path)
+    cfg = copy.deepcopy(load_tiny())
+    edit(cfg)
+    write_config(wf, cfg)
+    proc = snakemake(wf, "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert "invalid config" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
+    assert not (wf / "data").exists() and not (wf / "results").exists()

@@ -1,0 +1,188 @@
+"""The pipeline's config: validation beyond the JSON schema, and expansion into runs.
+
+A config is a list of studies; a study is tasks × norms × quants × grid × seeds. A run's
+hyperparameters are ``defaults`` ⊕ the task's ⊕ the study's ``overrides`` ⊕ one grid point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cells import CELLS
+from .data import SOURCES
+from .models import MODELS
+from .norms import NORMS
+from .optim import OPTIMIZERS
+from .quantizers import QUANTIZERS
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+DATASET_KEYS = {"dataset"}
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the key."""
+
+    def __init__(self, message: str):
+        super().__init__(f"invalid config: {message}")
+
+
+@dataclass(frozen=True)
+class Run:
+    study: str
+    task: str
+    run: str
+    norm: str
+    quant: str
+    seed: int
+    dataset: str
+    grid: dict = field(default_factory=dict, hash=False, compare=False)
+    hparams: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.study, self.task, self.run
+
+    def params(self) -> dict:
+        """Everything the train job needs; a change here reruns that job (Snakemake params)."""
+        return {"norm": self.norm, "quant": self.quant, "seed": self.seed, **self.hparams}
+
+
+def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
+    """Validate against the JSON schema (filling defaults), then the checks a schema cannot
+    express. Raises :class:`ConfigError` naming the offending key."""
+    from snakemake.utils import validate as schema_validate
+
+    try:
+        schema_validate(config, str(schema), set_default=True)
+    except Exception as e:  # snakemake wraps jsonschema's error in a WorkflowError
+        raise ConfigError(_schema_message(e)) from None
+    _check_names(config)
+    runs = expand(config)
+    if not runs:
+        raise ConfigError("'studies' expands to zero runs")
+    return config
+
+
+def _schema_message(e: Exception) -> str:
+    """One line from Snakemake's validation error: the key path and jsonschema's reason."""
+    text = str(e)
+    reason = re.search(r"ValidationError: (.*)", text)
+    where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
+    if not reason:
+        return text.strip()
+    path = (
+        ".".join(p.strip("'\"") for p in re.findall(r"\[([^\]]*)\]", where.group(1)))
+        if where
+        else ""
+    )
+    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path)
+    return f"{path or '<top level>'}: {reason.group(1)}"
+
+
+def _one_of(where: str, value, registry) -> None:
+    if value not in registry:
+        raise ConfigError(f"{where}: {value!r} is not one of {sorted(registry)}")
+
+
+def _check_hparams(where: str, hp: dict) -> None:
+    if "model" in hp:
+        _one_of(f"{where}.model", hp["model"], MODELS)
+    if "cell" in hp:
+        _one_of(f"{where}.cell", hp["cell"], CELLS)
+    if "optimizer" in hp:
+        _one_of(f"{where}.optimizer", hp["optimizer"], OPTIMIZERS)
+    for name in hp.get("norm_opts", {}) or {}:
+        _one_of(f"{where}.norm_opts", name, NORMS)
+
+
+def _check_names(config: dict) -> None:
+    datasets, tasks = config["datasets"], config["tasks"]
+    for name, ds in datasets.items():
+        _one_of(f"datasets.{name}.source", ds["source"], SOURCES)
+    _check_hparams("defaults", config.get("defaults", {}))
+    for name, task in tasks.items():
+        if task["dataset"] not in datasets:
+            raise ConfigError(
+                f"tasks.{name}.dataset: {task['dataset']!r} is not one of {sorted(datasets)}"
+            )
+        _check_hparams(f"tasks.{name}", task)
+    seen = set()
+    for i, study in enumerate(config["studies"]):
+        where = f"studies[{i}]"
+        if study["name"] in seen:
+            raise ConfigError(f"{where}.name: {study['name']!r} is used twice")
+        seen.add(study["name"])
+        for j, t in enumerate(study["tasks"]):
+            if t not in tasks:
+                raise ConfigError(f"{where}.tasks[{j}]: {t!r} is not one of {sorted(tasks)}")
+        for j, n in enumerate(study["norms"]):
+            _one_of(f"{where}.norms[{j}]", n, NORMS)
+        for j, q in enumerate(study["quants"]):
+            _one_of(f"{where}.quants[{j}]", q, QUANTIZERS)
+        _check_hparams(f"{where}.overrides", study.get("overrides", {}))
+        for key, values in (study.get("grid") or {}).items():
+            for j, v in enumerate(values):
+                _check_hparams(f"{where}.grid.{key}[{j}]", {key: v})
+
+
+def run_id(norm: str, quant: str, seed: int, grid: dict) -> str:
+    extra = "".join(f".{k}-{v}" for k, v in grid.items())
+    return f"{norm}.{quant}{extra}.s{seed}"
+
+
+def expand(config: dict) -> dict[tuple[str, str, str], Run]:
+    """All runs of the config, keyed by (study, task, run id)."""
+    runs = {}
+    defaults = config.get("defaults", {})
+    for study in config["studies"]:
+        grid = study.get("grid") or {}
+        points = [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+        for task in study["tasks"]:
+            task_cfg = config["tasks"][task]
+            base = {k: v for k, v in task_cfg.items() if k not in DATASET_KEYS}
+            for norm, quant, point, seed in itertools.product(
+                study["norms"], study["quants"], points, study["seeds"]
+            ):
+                hp = {**defaults, **base, **(study.get("overrides") or {}), **point}
+                run = Run(
+                    study=study["name"],
+                    task=task,
+                    run=run_id(norm, quant, seed, point),
+                    norm=norm,
+                    quant=quant,
+                    seed=seed,
+                    dataset=task_cfg["dataset"],
+                    grid=point,
+                    hparams=hp,
+                )
+                runs[run.key] = run
+    return runs
+
+
+# The modules whose code decides a trained model's numbers.
+TRAINING_MODULES = (
+    "cells",
+    "data",
+    "models",
+    "norms",
+    "optim",
+    "quantizers",
+    "registry",
+    "training",
+)
+
+
+def code_version(package_dir: str | Path | None = None, modules=TRAINING_MODULES) -> str:
+    """A hash of the source of :data:`TRAINING_MODULES`: train jobs carry it as a param, so
+    editing the model or training code reruns training (Snakemake's params rerun trigger),
+    while editing tables, plots or docs does not."""
+    package_dir = Path(package_dir or Path(__file__).parent)
+    h = hashlib.sha256()
+    for path in sorted(package_dir / f"{m}.py" for m in modules):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""The bodies of the Snakemake jobs; ``workflow/scripts/*.py`` call these with the
+``snakemake`` object. Each job's stdout and stderr go to its log file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def logged(smk):
+    """Send the job's output to its log; on failure, write the traceback there too."""
+    path = Path(smk.log[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            yield
+        except SystemExit:
+            raise
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+
+def fetch_job(smk):
+    from .data import fetch
+
+    with logged(smk):
+        fetch(smk.params.source, smk.output[0])
+        print(f"wrote {smk.output[0]} from {smk.params.source}")
+
+
+def prepare_job(smk):
+    from .data import prepare
+
+    with logged(smk):
+        meta = prepare(smk.input.raw, Path(smk.output.meta).parent, dict(smk.params.spec))
+        print(json.dumps({k: v for k, v in meta.items() if k != "vocab"}, indent=2))
+
+
+def _threads(smk):
+    import torch
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+
+
+def train_job(smk):
+    from .training import train
+
+    with logged(smk):
+        _threads(smk)
+        info = train(
+            dict(smk.params.hp),
+            Path(smk.input.meta).parent,
+            smk.output.model,
+            smk.output.history,
+            smk.output.info,
+            smk.params.ckpt,
+            device=smk.params.device,
+            log=lambda m: print(m, flush=True),
+            code=smk.params.code,
+        )
+        print(json.dumps(info))
+
+
+def evaluate_job(smk):
+    from .evaluation import evaluate_run
+
+    with logged(smk):
+        _threads(smk)
+        result = evaluate_run(
+            smk.input.model,
+            smk.input.info,
+            Path(smk.input.meta).parent,
+            smk.output[0],
+            dict(smk.params.run),
+            device=smk.params.device,
+        )
+        print(json.dumps(result, default=str))
+
+
+def tables_job(smk):
+    from .tables import collect, write_tables
+
+    with logged(smk):
+        runs = collect(smk.input.evals)
+        runs.to_csv(smk.output.runs, index=False)
+        table = write_tables(runs, smk.output.md, smk.output.tex, f"Study {smk.wildcards.study}")
+        Path(smk.output.html).write_text(table.to_html(index=False, border=0, classes="table"))
+        print(table.to_string())
+
+
+def plots_job(smk):
+    import pandas as pd
+
+    from . import plots
+
+    with logged(smk):
+        runs = pd.read_csv(smk.input.runs)
+        frames = []
+        for path in smk.input.histories:
+            h = pd.read_csv(path)
+            parts = Path(path).parts
+            run = runs[(runs["task"] == parts[-3]) & (runs["run"] == parts[-2])].iloc[0]
+            frames.append(
+                h.assign(task=run["task"], norm=run["norm"], quant=run["quant"], seed=run["seed"])
+            )
+        histories = pd.concat(frames, ignore_index=True)
+        plots.learning_curves(histories, smk.output.curves)
+        plots.final_metric(runs, smk.output.metric)
+        plots.cost(runs, smk.output.cost)
+
+
+def summary_job(smk):
+    import pandas as pd
+
+    with logged(smk):
+        df = pd.concat([pd.read_csv(p) for p in smk.input], ignore_index=True)
+        df.to_csv(smk.output[0], index=False)
+        print(f"{len(df)} runs, {int((df['status'] != 'ok').sum())} not ok", file=sys.stdout)

@@ -1,0 +1,85 @@
+"""Seaborn figures of one study: learning curves, final metric, cost."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def _save(grid, path):
+    grid.figure.savefig(path, dpi=110, bbox_inches="tight")
+    matplotlib.pyplot.close(grid.figure)
+
+
+def learning_curves(histories: pd.DataFrame, path) -> None:
+    """Validation metric per epoch; one panel per task, colour = norm, dashes = quantizer."""
+    metric_cols = [c for c in histories.columns if c.startswith("valid_") and c != "valid_loss"]
+    long = histories.melt(
+        id_vars=["task", "norm", "quant", "seed", "epoch"],
+        value_vars=metric_cols,
+        var_name="metric",
+    ).dropna(subset=["value"])
+    g = sns.relplot(
+        data=long,
+        x="epoch",
+        y="value",
+        hue="norm",
+        style="quant",
+        col="task",
+        row="metric",
+        kind="line",
+        errorbar="sd",
+        facet_kws={"sharey": False},
+        height=3.2,
+        aspect=1.3,
+    )
+    _save(g, path)
+
+
+def final_metric(runs: pd.DataFrame, path) -> None:
+    """Test metric per norm × quantizer, mean with the standard deviation over seeds."""
+    ok = runs[runs["status"] != "diverged"]
+    dodge = 0.4 if ok["quant"].nunique() > 1 else False
+    g = sns.catplot(
+        data=ok,
+        x="norm",
+        y="test_metric",
+        hue="quant",
+        col="task",
+        kind="point",
+        errorbar="sd",
+        dodge=dodge,
+        linestyle="none",
+        sharey=False,
+        height=3.2,
+        aspect=1.5,
+    )
+    g.set_axis_labels("norm", "test metric")
+    for ax in g.axes.flat:
+        ax.tick_params(axis="x", rotation=45)
+    _save(g, path)
+
+
+def cost(runs: pd.DataFrame, path) -> None:
+    """Median training time per step per norm × quantizer."""
+    data = runs.assign(ms_per_step=1000 * runs["seconds_per_step"])
+    g = sns.catplot(
+        data=data,
+        x="norm",
+        y="ms_per_step",
+        hue="quant",
+        col="task",
+        kind="bar",
+        errorbar=None,
+        sharey=False,
+        height=3.2,
+        aspect=1.5,
+    )
+    g.set_axis_labels("norm", "ms per training step")
+    for ax in g.axes.flat:
+        ax.tick_params(axis="x", rotation=45)
+    _save(g, path)

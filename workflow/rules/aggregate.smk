@@ -1,0 +1,75 @@
+# Per-study tables and figures, the summary of every run, and the report's entries.
+
+
+rule tables:
+    input:
+        evals=lambda w: study_runs(w.study, "eval.json"),
+    output:
+        runs=f"{RESULTS}/studies/{{study}}/runs.csv",
+        md=f"{RESULTS}/studies/{{study}}/table.md",
+        tex=f"{RESULTS}/studies/{{study}}/table.tex",
+        html=report(
+            f"{RESULTS}/studies/{{study}}/table.html",
+            caption="../report/table.rst",
+            category="{study}",
+            labels={"figure": "table"},
+        ),
+    log:
+        "logs/tables/{study}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=TABLES_CODE,
+    script:
+        "../scripts/tables.py"
+
+
+rule plots:
+    input:
+        runs=rules.tables.output.runs,
+        histories=lambda w: study_runs(w.study, "history.csv"),
+    output:
+        curves=report(
+            f"{RESULTS}/studies/{{study}}/curves.png",
+            caption="../report/curves.rst",
+            category="{study}",
+            labels={"figure": "learning curves"},
+        ),
+        metric=report(
+            f"{RESULTS}/studies/{{study}}/metric.png",
+            caption="../report/metric.rst",
+            category="{study}",
+            labels={"figure": "test metric"},
+        ),
+        cost=report(
+            f"{RESULTS}/studies/{{study}}/cost.png",
+            caption="../report/cost.rst",
+            category="{study}",
+            labels={"figure": "cost"},
+        ),
+    log:
+        "logs/plots/{study}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=PLOTS_CODE,
+    script:
+        "../scripts/plots.py"
+
+
+rule summary:
+    input:
+        expand(f"{RESULTS}/studies/{{study}}/runs.csv", study=STUDIES),
+    output:
+        report(
+            f"{RESULTS}/summary.csv",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"figure": "all runs"},
+        ),
+    log:
+        "logs/summary.log",
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/summary.py"

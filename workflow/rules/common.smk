@@ -1,0 +1,75 @@
+# Config validation, run expansion and input functions shared by the rules.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+
+from normrnn import config as nc  # noqa: E402
+
+nc.validate(config)
+RUNS = nc.expand(config)
+STUDIES = [s["name"] for s in config["studies"]]
+CODE_VERSION = nc.code_version()
+TABLES_CODE = nc.code_version(modules=("tables", "pipeline"))
+PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"))
+DATA = config["data_dir"]
+RESULTS = config["results_dir"]
+PREPARED = ["train.pt", "valid.pt", "test.pt", "meta.json"]
+
+
+wildcard_constraints:
+    study="[A-Za-z0-9_-]+",
+    task="[^/]+",
+    run="[^/]+",
+    dataset="[^/]+",
+    source="[^/]+",
+
+
+def run_of(wildcards):
+    return RUNS[(wildcards.study, wildcards.task, wildcards.run)]
+
+
+def prepared_data(wildcards):
+    """The prepared files of the dataset the run's task uses."""
+    dataset = run_of(wildcards).dataset
+    return {
+        Path(f).stem if f != "meta.json" else "meta": f"{DATA}/prepared/{dataset}/{f}"
+        for f in PREPARED
+    }
+
+
+def raw_of_dataset(wildcards):
+    return f"{DATA}/raw/{config['datasets'][wildcards.dataset]['source']}"
+
+
+def run_record(wildcards):
+    """Identifying columns of a run, stored in its eval.json."""
+    r = run_of(wildcards)
+    return {
+        "study": r.study,
+        "task": r.task,
+        "run": r.run,
+        "norm": r.norm,
+        "quant": r.quant,
+        "seed": r.seed,
+        "dataset": r.dataset,
+        "grid": r.grid,
+    }
+
+
+def train_resources(key, default):
+    def get(wildcards):
+        return run_of(wildcards).hparams.get(key, default)
+
+    return get
+
+
+def study_runs(study, name):
+    return [f"{RESULTS}/runs/{s}/{t}/{r}/{name}" for (s, t, r) in RUNS if s == study]
+
+
+def all_targets():
+    out = [f"{RESULTS}/summary.csv"]
+    for s in STUDIES:
+        out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
+    return out

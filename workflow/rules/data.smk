@@ -1,0 +1,38 @@
+# Raw data, then the uniform prepared format (normrnn.data).
+
+
+rule fetch:
+    output:
+        f"{DATA}/raw/{{source}}",
+    log:
+        "logs/fetch/{source}.log",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        source="{source}",
+    script:
+        "../scripts/fetch.py"
+
+
+rule prepare:
+    input:
+        raw=raw_of_dataset,
+    output:
+        train=f"{DATA}/prepared/{{dataset}}/train.pt",
+        valid=f"{DATA}/prepared/{{dataset}}/valid.pt",
+        test=f"{DATA}/prepared/{{dataset}}/test.pt",
+        meta=f"{DATA}/prepared/{{dataset}}/meta.json",
+    log:
+        "logs/prepare/{dataset}.log",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        spec=lambda w: config["datasets"][w.dataset],
+    script:
+        "../scripts/prepare.py"
