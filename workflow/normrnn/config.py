@@ -21,6 +21,7 @@ from .quantizers import QUANTIZERS
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 DATASET_KEYS = {"dataset"}
+REQUIRED_HPARAMS = ("model", "hidden_size", "batch_size", "epochs", "lr")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,17 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
     runs = expand(config)
     if not runs:
         raise ConfigError("'studies' expands to zero runs")
+    for run in runs.values():
+        missing = [k for k in REQUIRED_HPARAMS if k not in run.hparams]
+        if missing:
+            raise ConfigError(
+                f"tasks.{run.task}: {missing[0]!r} is a required property (study {run.study!r}; "
+                "set it in defaults, the task or the study's overrides)"
+            )
+        if run.hparams["model"] != "classifier" and "seq_len" not in run.hparams:
+            raise ConfigError(
+                f"tasks.{run.task}: 'seq_len' is a required property of a language model"
+            )
     return config
 
 
