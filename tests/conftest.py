@@ -21,3 +21,24 @@ def root() -> Path:
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """Sequential digits in the prepared format (from scikit-learn's copy, no network)."""
+    from normrnn.data import fetch, prepare
+
+    tmp = tmp_path_factory.mktemp("digits")
+    fetch("sklearn_digits", tmp / "raw")
+    prepare(tmp / "raw", tmp / "prepared", {"kind": "classification"})
+    return tmp / "prepared"
+
+
+@pytest.fixture(scope="session")
+def chars_dir(tmp_path_factory) -> Path:
+    from normrnn.data import fetch, prepare
+
+    tmp = tmp_path_factory.mktemp("chars")
+    fetch("cpython_pydoc", tmp / "raw")
+    prepare(tmp / "raw", tmp / "prepared", {"kind": "char", "splits": [0.9, 0.05, 0.05]})
+    return tmp / "prepared"

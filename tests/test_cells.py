@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
+
 from normrnn import CELLS, NORMS, QUANTIZERS, UnknownNameError, build_model, model_bits
 from normrnn.optim import make_optimizer, update_preconditioners
-from torch.func import functional_call
 
 
 def copy_lstm(ref: torch.nn.LSTM, model):

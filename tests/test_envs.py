@@ -5,6 +5,7 @@ import tomllib
 
 import pytest
 import yaml
+
 from conftest import ROOT
 
 RULE = re.compile(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", re.M)

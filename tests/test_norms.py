@@ -7,10 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import integrate
+
 from normrnn import NORMS, UnknownNameError, tanh_variance
 from normrnn.cells import LSTMLayer
 from normrnn.norms import linf_constant
-from scipy import integrate
 
 EPS = 1e-5
 

@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+
 from pipeline_helpers import load_tiny, planned_jobs, snakemake, workflow_copy, write_config
 
 pytestmark = pytest.mark.pipeline

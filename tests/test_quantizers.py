@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from normrnn import QUANTIZERS, UnknownNameError, quantize_blocks
 
 W = torch.tensor([[0.5, -1.0], [2.0, -0.1]])

@@ -257,6 +257,8 @@ def train(
         "state": None,
         "status": "running",
         "step_times": [],
+        "loss_sum": 0.0,
+        "loss_count": 0,
         "train_time": 0.0,
         "stop_step": None,
     }
@@ -300,7 +302,6 @@ def train(
             model.train()
             t_epoch = time.perf_counter()
             batches = task.batches("train", st["epoch"], params["seed"])[: max_batches or None]
-            total = count = 0.0
             for b in range(st["batch"], len(batches)):
                 t0 = time.perf_counter()
                 with autocast(device, precision):
@@ -319,8 +320,8 @@ def train(
                 st["state"] = state
                 st["step"] += 1
                 st["batch"] = b + 1
-                total += value * n
-                count += n
+                st["loss_sum"] += value * n
+                st["loss_count"] += n
                 dt = time.perf_counter() - t0
                 st["train_time"] += dt
                 if len(st["step_times"]) < 10_000:
@@ -340,10 +341,11 @@ def train(
             if params.get("population_stats", "dataset") == "dataset":
                 population_statistics(model, task, params, device, precision)
             v_loss, v_metric = evaluate(model, task, "valid", device, precision)
+            seen = st["loss_count"]
             row = {
                 "epoch": st["epoch"] + 1,
                 "step": st["step"],
-                "train_loss": total / count if count else float("nan"),
+                "train_loss": st["loss_sum"] / seen if seen else float("nan"),
                 "valid_loss": v_loss,
                 f"valid_{task.metric}": v_metric,
                 "lr": opt.param_groups[0]["lr"],
@@ -359,6 +361,8 @@ def train(
             st.update(
                 epoch=st["epoch"] + 1,
                 batch=0,
+                loss_sum=0.0,
+                loss_count=0,
                 state=None if task.metric == "accuracy" else st["state"],
             )
             if st["status"] == "running":

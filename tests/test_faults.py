@@ -1,0 +1,156 @@
+"""Faults: kills, signals, divergence and damaged files (CPU, small)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from normrnn.training import Checkpointer, CheckpointError, load_model, train
+
+PARAMS = {
+    "model": "classifier", "hidden_size": 16, "batch_size": 32, "epochs": 3, "lr": 0.01,
+    "norm": "bn", "quant": "lab", "seed": 3, "max_batches": 12, "checkpoint_every": 5,
+    "clip": 1.0, "optimizer": "adam",
+}  # fmt: skip
+
+
+def run_train(out, data_dir, params=PARAMS, **kw):
+    return train(
+        params, data_dir, out / "model.pt", out / "history.csv", out / "train.json", out / "ckpt",
+        device="cpu", log=lambda m: None, **kw,
+    )  # fmt: skip
+
+
+def child(out, data_dir, params):
+    """Train in a child process (single thread, like the uninterrupted run)."""
+    code = textwrap.dedent(f"""
+        import sys, json, torch
+        sys.path.insert(0, {str(ROOT / "workflow")!r})
+        torch.set_num_threads(1)
+        from pathlib import Path
+        from normrnn.training import train
+        out = Path({str(out)!r})
+        train(json.loads({json.dumps(json.dumps(params))}), {str(data_dir)!r}, out / "model.pt",
+              out / "history.csv", out / "train.json", out / "ckpt", device="cpu")
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(out, proc, min_step=6, timeout=120):
+    path = out / "ckpt" / "last.pt"
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training ended before it could be interrupted: {proc.stderr.read()}"
+            )
+        if path.exists():
+            try:
+                step = torch.load(path, weights_only=False)["progress"]["step"]
+            except Exception:  # caught mid-rename: try again
+                step = -1
+            if step >= min_step:
+                return step
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def same_result(a, b):
+    ha, hb = pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv")
+    cols = ["epoch", "step", "train_loss", "valid_loss", "valid_accuracy"]
+    pd.testing.assert_frame_equal(ha[cols], hb[cols], rtol=1e-6)
+    ma, mb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
+    for k, v in ma["state_dict"].items():
+        torch.testing.assert_close(v, mb["state_dict"][k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_dir):
+    out = tmp_path_factory.mktemp("clean")
+    info = run_train(out, digits_dir)
+    assert info["status"] == "ok" and info["steps"] == 36
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, digits_dir, uninterrupted, sig):
+    proc = child(tmp_path, digits_dir, PARAMS)
+    step = wait_for_checkpoint(tmp_path, proc)
+    os.kill(proc.pid, sig)
+    code = proc.wait(60)
+    if sig == signal.SIGTERM:
+        assert code == 143  # checkpointed, then exited for a requeue
+        resumed_at = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)["progress"]
+        assert resumed_at["step"] >= step
+    else:
+        assert code == -signal.SIGKILL
+    assert not (tmp_path / "model.pt").exists()
+    info = run_train(tmp_path, digits_dir)  # the rerun resumes
+    assert info["status"] == "ok" and info["steps"] == 36
+    same_result(tmp_path, uninterrupted)
+    assert not (tmp_path / "ckpt").exists()  # removed once the outputs are written
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path):
+    ck = Checkpointer(tmp_path)
+    ck.save({"n": 1})
+    ck.save({"n": 2})
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 3])
+    messages = []
+    assert ck.load(messages.append) == {"n": 1}
+    assert "last.pt is unreadable" in messages[0]
+    (tmp_path / "prev.pt").write_bytes(b"garbage")
+    assert ck.load(messages.append) is None
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, digits_dir):
+    short = {**PARAMS, "epochs": 1, "checkpoint_every": 0}
+    proc = child(tmp_path, digits_dir, {**PARAMS, "lr": 0.02})
+    wait_for_checkpoint(tmp_path, proc)
+    proc.kill()
+    proc.wait()
+    info = run_train(tmp_path, digits_dir, short)
+    assert info["steps"] == 12  # started afresh, not at the lr=0.02 run's step
+
+
+def test_nan_loss_is_a_diverged_result(tmp_path, digits_dir):
+    import shutil
+
+    from normrnn.data import sha256
+
+    d = tmp_path / "data"
+    shutil.copytree(digits_dir, d)
+    train_split = torch.load(d / "train.pt")
+    train_split["x"][:] = float("nan")
+    torch.save(train_split, d / "train.pt")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"]["train"]["sha256"] = sha256(d / "train.pt")
+    (d / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    info = run_train(out, d, {**PARAMS, "quant": "fp"})
+    assert info["status"] == "diverged" and info["stop_step"] == 0
+    assert json.loads((out / "train.json").read_text())["status"] == "diverged"
+    assert (out / "model.pt").exists() and (out / "history.csv").exists()
+
+
+def test_loss_above_the_bound_and_time_budget(tmp_path, digits_dir):
+    info = run_train(tmp_path / "a", digits_dir, {**PARAMS, "divergence_loss": 0.5})
+    assert info["status"] == "diverged"  # the initial loss is ln 10 ≈ 2.3
+    info = run_train(tmp_path / "b", digits_dir, {**PARAMS, "time_budget_s": 1e-9})
+    assert info["status"] == "timeout" and info["steps"] == 1
+
+
+def test_damaged_model_file_is_named(tmp_path, uninterrupted):
+    path = tmp_path / "model.pt"
+    path.write_bytes((uninterrupted / "model.pt").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model\.pt: cannot load the trained model"):
+        load_model(path)
