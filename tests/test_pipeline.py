@@ -9,7 +9,8 @@ import pytest
 from pipeline_helpers import load_tiny, planned_jobs, snakemake, workflow_copy, write_config
 
 pytestmark = pytest.mark.pipeline
-N_ALPHA, N_BETA = 2 * 2 * 2, 2  # tasks × norms × quants × seeds
+N_ALPHA, N_BETA, N_GAMMA = 2 * 2 * 2, 2, 1  # tasks × norms × quants × seeds
+N_RUNS = N_ALPHA + N_BETA + N_GAMMA
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +26,17 @@ def test_dag_has_one_train_and_evaluate_job_per_run(tmp_path):
     wf = workflow_copy(tmp_path)
     write_config(wf, load_tiny())
     rules = [r for r, _ in planned_jobs(wf)]
-    n = N_ALPHA + N_BETA
-    assert rules.count("train") == n and rules.count("evaluate") == n
+    assert rules.count("train") == N_RUNS and rules.count("evaluate") == N_RUNS
     assert rules.count("fetch") == 2 and rules.count("prepare") == 2
-    assert rules.count("tables") == 2 and rules.count("plots") == 2 and rules.count("summary") == 1
+    assert rules.count("tables") == 3 and rules.count("plots") == 3 and rules.count("summary") == 1
 
 
 def test_summary_has_one_row_per_run_with_finite_metrics(done):
     df = pd.read_csv(done / "results" / "summary.csv")
-    assert len(df) == N_ALPHA + N_BETA
-    assert set(df["study"]) == {"alpha", "beta"}
+    assert len(df) == N_RUNS
+    assert set(df["study"]) == {"alpha", "beta", "gamma"}
     assert set(zip(df.norm, df.quant, strict=True)) >= {("none", "fp"), ("bn", "bc"), ("ln", "fp")}
+    df = df[df.study != "gamma"]
     assert df["test_metric"].map(math.isfinite).all()
     assert (df["status"] == "ok").all()
     chars = df[df.task == "chars"]
@@ -46,6 +47,16 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
     alpha = df[(df.study == "alpha") & (df.task == "digits") & (df.norm == "none")]
     bits = dict(zip(alpha.quant, alpha.model_bits, strict=True))
     assert bits["bc"] < bits["fp"]
+
+
+def test_diverged_run_is_a_result_not_a_crash(done):
+    df = pd.read_csv(done / "results" / "summary.csv")
+    row = df[df.study == "gamma"].iloc[0]
+    assert row["status"] == "diverged" and row["stop_step"] == 0
+    assert math.isnan(row["test_metric"])
+    table = (done / "results" / "studies" / "gamma" / "table.md").read_text()
+    assert "| diverged " in table
+    assert (df[df.study != "gamma"]["status"] == "ok").all()  # the others went on
 
 
 def test_tables_and_report_show_every_variant(done):

@@ -15,6 +15,15 @@ def _save(grid, path):
     matplotlib.pyplot.close(grid.figure)
 
 
+def _placeholder(path, what: str) -> None:
+    """A figure that says why there is nothing to plot (every run diverged, say)."""
+    fig, ax = matplotlib.pyplot.subplots(figsize=(5, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"no {what}: every run of this study diverged", ha="center", va="center")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    matplotlib.pyplot.close(fig)
+
+
 def learning_curves(histories: pd.DataFrame, path) -> None:
     """Validation metric per epoch; one panel per task, colour = norm, dashes = quantizer."""
     metric_cols = [c for c in histories.columns if c.startswith("valid_") and c != "valid_loss"]
@@ -23,6 +32,8 @@ def learning_curves(histories: pd.DataFrame, path) -> None:
         value_vars=metric_cols,
         var_name="metric",
     ).dropna(subset=["value"])
+    if long.empty:
+        return _placeholder(path, "learning curves")
     g = sns.relplot(
         data=long,
         x="epoch",
@@ -43,6 +54,8 @@ def learning_curves(histories: pd.DataFrame, path) -> None:
 def final_metric(runs: pd.DataFrame, path) -> None:
     """Test metric per norm × quantizer, mean with the standard deviation over seeds."""
     ok = runs[runs["status"] != "diverged"]
+    if ok.empty:
+        return _placeholder(path, "test metric")
     dodge = 0.4 if ok["quant"].nunique() > 1 else False
     g = sns.catplot(
         data=ok,
@@ -66,7 +79,9 @@ def final_metric(runs: pd.DataFrame, path) -> None:
 
 def cost(runs: pd.DataFrame, path) -> None:
     """Median training time per step per norm × quantizer."""
-    data = runs.assign(ms_per_step=1000 * runs["seconds_per_step"])
+    data = runs.assign(ms_per_step=1000 * runs["seconds_per_step"]).dropna(subset=["ms_per_step"])
+    if data.empty:
+        return _placeholder(path, "timings")
     g = sns.catplot(
         data=data,
         x="norm",
