@@ -19,6 +19,7 @@ def workflow_copy(tmp: Path) -> Path:
     shutil.copytree(ROOT / "workflow", dest / "workflow", ignore=ignore)
     shutil.copytree(ROOT / "envs", dest / "envs")
     (dest / "config").mkdir()
+    shutil.copy(ROOT / "config" / "reported.csv", dest / "config")
     return dest
 
 

@@ -1,7 +1,8 @@
 """The pipeline's config: validation beyond the JSON schema, and expansion into runs.
 
 A config is a list of studies; a study is tasks × norms × quants × grid × seeds. A run's
-hyperparameters are ``defaults`` ⊕ the task's ⊕ the study's ``overrides`` ⊕ one grid point.
+hyperparameters are ``defaults`` ⊕ the task's ⊕ the study's ``overrides`` ⊕ the study's
+``task_overrides`` of that task ⊕ one grid point.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cells import CELLS
-from .data import SOURCES
+from .data import FORMATS, SOURCES, default_format
 from .models import MODELS
 from .norms import NORMS
 from .optim import OPTIMIZERS
@@ -113,8 +114,13 @@ def _check_hparams(where: str, hp: dict) -> None:
 
 def _check_names(config: dict) -> None:
     datasets, tasks = config["datasets"], config["tasks"]
+    downloads = config.get("downloads", {})
     for name, ds in datasets.items():
-        _one_of(f"datasets.{name}.source", ds["source"], SOURCES)
+        if "source" in ds:
+            _one_of(f"datasets.{name}.source", ds["source"], SOURCES)
+        for j, f in enumerate(ds.get("downloads", [])):
+            _one_of(f"datasets.{name}.downloads[{j}]", f, downloads)
+        _one_of(f"datasets.{name}.format", default_format(ds), FORMATS)
     _check_hparams("defaults", config.get("defaults", {}))
     for name, task in tasks.items():
         if task["dataset"] not in datasets:
@@ -136,6 +142,12 @@ def _check_names(config: dict) -> None:
         for j, q in enumerate(study["quants"]):
             _one_of(f"{where}.quants[{j}]", q, QUANTIZERS)
         _check_hparams(f"{where}.overrides", study.get("overrides", {}))
+        for t, hp in (study.get("task_overrides") or {}).items():
+            if t not in study["tasks"]:
+                raise ConfigError(
+                    f"{where}.task_overrides.{t}: not one of the study's tasks {study['tasks']}"
+                )
+            _check_hparams(f"{where}.task_overrides.{t}", hp)
         for key, values in (study.get("grid") or {}).items():
             for j, v in enumerate(values):
                 _check_hparams(f"{where}.grid.{key}[{j}]", {key: v})
@@ -159,7 +171,13 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
             for norm, quant, point, seed in itertools.product(
                 study["norms"], study["quants"], points, study["seeds"]
             ):
-                hp = {**defaults, **base, **(study.get("overrides") or {}), **point}
+                hp = {
+                    **defaults,
+                    **base,
+                    **(study.get("overrides") or {}),
+                    **(study.get("task_overrides") or {}).get(task, {}),
+                    **point,
+                }
                 run = Run(
                     study=study["name"],
                     task=task,

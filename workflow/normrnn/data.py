@@ -43,7 +43,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------- raw sources
 @SOURCES.register("sklearn_digits")
-def fetch_sklearn_digits(out: Path) -> None:
+def fetch_sklearn_digits(out: Path) -> None:  # format: digits_npz
     """scikit-learn's 1,797 real 8×8 handwritten digits (shipped with the package)."""
     from sklearn.datasets import load_digits
 
@@ -67,23 +67,24 @@ def fetch(source: str, out: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- preparation
+FORMATS = Registry("data format")
+
+
 def _split_sizes(n: int, fractions) -> tuple[int, int, int]:
     train = int(round(n * fractions[0]))
     valid = int(round(n * fractions[1]))
     return train, valid, n - train - valid
 
 
-def prepare(raw: str | Path, out_dir: str | Path, spec: dict) -> dict:
-    """Turn a raw file into the prepared format described in the module docstring."""
-    raw, out_dir = Path(raw), Path(out_dir)
-    kind = spec["kind"]
-    fractions = spec.get("splits", [0.8, 0.1, 0.1])
-    if kind == "classification":
-        splits, meta = _prepare_classification(raw, spec, fractions)
-    elif kind in ("char", "word"):
-        splits, meta = _prepare_text(raw, kind, fractions)
-    else:
-        raise DataError(f"{raw}: unknown dataset kind {kind!r} (classification, char, word)")
+def default_format(spec: dict) -> str:
+    return spec.get("format") or ("digits_npz" if spec["kind"] == "classification" else "text")
+
+
+def prepare(raw, out_dir: str | Path, spec: dict) -> dict:
+    """Turn raw file(s) into the prepared format described in the module docstring."""
+    raws = [Path(raw)] if isinstance(raw, (str, Path)) else [Path(r) for r in raw]
+    out_dir = Path(out_dir)
+    splits, meta = FORMATS[default_format(spec)](raws, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta["files"] = {}
     for name, tensors in splits.items():
@@ -92,24 +93,22 @@ def prepare(raw: str | Path, out_dir: str | Path, spec: dict) -> dict:
         torch.save(tensors, tmp)
         os.replace(tmp, path)
         meta["files"][name] = {"name": path.name, "sha256": sha256(path)}
-    meta["kind"] = kind
+    meta["kind"] = spec["kind"]
     atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
 
 
-def _prepare_classification(raw: Path, spec: dict, fractions):
-    with np.load(raw) as z:
-        images, labels = z["images"].astype(np.float32), z["labels"]
-    images /= max(float(images.max()), 1.0)  # pixels in [0, 1]
+def _classification(images: np.ndarray, labels: np.ndarray, parts, spec: dict):
+    """(N, steps) pixel rows in [0, 1] → sequences of one pixel per step."""
     steps = images.shape[1]
     if spec.get("permute", False):
         perm = np.random.default_rng(spec.get("permutation_seed", 0)).permutation(steps)
         images = images[:, perm]
-    order = np.random.default_rng(spec.get("split_seed", 0)).permutation(len(labels))
-    n_train, n_valid, _ = _split_sizes(len(labels), fractions)
-    parts = np.split(order, [n_train, n_train + n_valid])
     splits = {
-        name: {"x": torch.from_numpy(images[idx]).unsqueeze(-1), "y": torch.from_numpy(labels[idx])}
+        name: {
+            "x": torch.from_numpy(np.ascontiguousarray(images[idx])).unsqueeze(-1),
+            "y": torch.from_numpy(labels[idx].astype(np.int64)),
+        }
         for name, idx in zip(("train", "valid", "test"), parts, strict=True)
     }
     meta = {
@@ -122,20 +121,91 @@ def _prepare_classification(raw: Path, spec: dict, fractions):
     return splits, meta
 
 
-def _prepare_text(raw: Path, kind: str, fractions):
-    text = raw.read_text(encoding="utf-8")
-    if kind == "char":
-        symbols = list(text)
+@FORMATS.register("digits_npz")
+def _prepare_digits(raws, spec):
+    with np.load(raws[0]) as z:
+        images, labels = z["images"].astype(np.float32), z["labels"]
+    images /= max(float(images.max()), 1.0)
+    order = np.random.default_rng(spec.get("split_seed", 0)).permutation(len(labels))
+    n_train, n_valid, _ = _split_sizes(len(labels), spec.get("splits", [0.8, 0.1, 0.1]))
+    return _classification(images, labels, np.split(order, [n_train, n_train + n_valid]), spec)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), gzip-compressed or not."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: IDX header says {dims}, found {body.size} values")
+    return body.reshape(dims)
+
+
+@FORMATS.register("mnist")
+def _prepare_mnist(raws, spec):
+    """Four IDX files: train images, train labels, test images, test labels. The last
+    ``valid_size`` (10,000) training examples are the validation set."""
+    if len(raws) != 4:
+        raise DataError(f"mnist needs 4 IDX files (train/test images and labels), got {len(raws)}")
+    tr_x, tr_y, te_x, te_y = (read_idx(p) for p in raws)
+    images = (
+        np.concatenate([tr_x, te_x]).reshape(len(tr_x) + len(te_x), -1).astype(np.float32) / 255
+    )
+    labels = np.concatenate([tr_y, te_y])
+    n_train = len(tr_x) - spec.get("valid_size", 10_000)
+    if n_train < 1:
+        raise DataError(
+            f"{raws[0]}: {len(tr_x)} training images leave none after the validation split"
+        )
+    idx = np.arange(len(labels))
+    parts = [idx[:n_train], idx[n_train : len(tr_x)], idx[len(tr_x) :]]
+    return _classification(images, labels, parts, spec)
+
+
+def read_text(path: Path, member: str | None = None) -> str:
+    """A text file, or a member of a .zip/.tgz archive (matched by its file name)."""
+    import tarfile
+    import zipfile
+
+    if member is None:
+        return path.read_text(encoding="utf-8")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if Path(n).name == member]
+            if names:
+                return z.read(names[0]).decode("utf-8")
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as t:
+            found = [m for m in t.getmembers() if Path(m.name).name == member and m.isfile()]
+            if found:
+                return t.extractfile(found[0]).read().decode("utf-8")
     else:
-        symbols = [w for line in text.splitlines() for w in line.split() + ["<eos>"]]
-    vocab = sorted(set(symbols))
+        raise DataError(f"{path}: not a zip or tar archive")
+    raise DataError(f"{path}: archive has no member {member!r}")
+
+
+def _symbols(text: str, kind: str, spec: dict) -> list[str]:
+    if kind == "char" and spec.get("tokens") == "spaced":
+        # PTB char level: characters separated by spaces, '_' between words
+        return [s for line in text.splitlines() for s in line.split() + ["\n"]]
+    if kind == "char":
+        return list(text)
+    return [w for line in text.splitlines() for w in line.split() + ["<eos>"]]
+
+
+def _lm(split_symbols: dict[str, list[str]]):
+    vocab = sorted(set().union(*split_symbols.values()))
     index = {s: i for i, s in enumerate(vocab)}
-    ids = torch.tensor([index[s] for s in symbols], dtype=torch.int64)
-    n_train, n_valid, _ = _split_sizes(len(ids), fractions)
     splits = {
-        "train": {"ids": ids[:n_train].clone()},
-        "valid": {"ids": ids[n_train : n_train + n_valid].clone()},
-        "test": {"ids": ids[n_train + n_valid :].clone()},
+        k: {"ids": torch.tensor([index[s] for s in v], dtype=torch.int64)}
+        for k, v in split_symbols.items()
     }
     meta = {
         "vocab": vocab,
@@ -143,6 +213,38 @@ def _prepare_text(raw: Path, kind: str, fractions):
         "sizes": {k: len(v["ids"]) for k, v in splits.items()},
     }
     return splits, meta
+
+
+@FORMATS.register("text")
+def _prepare_text(raws, spec):
+    """One text (a file or an archive member), split contiguously by ``splits``."""
+    symbols = _symbols(read_text(raws[0], spec.get("member")), spec["kind"], spec)
+    n_train, n_valid, _ = _split_sizes(len(symbols), spec.get("splits", [0.8, 0.1, 0.1]))
+    return _lm(
+        {
+            "train": symbols[:n_train],
+            "valid": symbols[n_train : n_train + n_valid],
+            "test": symbols[n_train + n_valid :],
+        }
+    )
+
+
+@FORMATS.register("presplit")
+def _prepare_presplit(raws, spec):
+    """Three members of one archive (PTB's simple-examples): ``members`` maps train, valid and
+    test to a member name, or to {name, md5} to check the extracted file as well."""
+    import hashlib
+
+    texts = {}
+    for split in ("train", "valid", "test"):
+        m = spec["members"][split]
+        name, md5 = (m, None) if isinstance(m, str) else (m["name"], m.get("md5"))
+        text = read_text(raws[0], name)
+        found = hashlib.md5(text.encode("utf-8")).hexdigest()
+        if md5 and found != md5:
+            raise DataError(f"{raws[0]}: member {name} has md5 {found}, expected {md5}")
+        texts[split] = _symbols(text, spec["kind"], spec)
+    return _lm(texts)
 
 
 # ----------------------------------------------------------------------------- loading

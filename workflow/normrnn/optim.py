@@ -8,8 +8,12 @@ from .models import recurrent_layers
 from .registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
-OPTIMIZERS.register("adam", lambda params, lr, **kw: torch.optim.Adam(params, lr=lr, **kw))
-OPTIMIZERS.register("rmsprop", lambda params, lr, **kw: torch.optim.RMSprop(params, lr=lr, **kw))
+OPTIMIZERS.register(
+    "adam", lambda params, lr, momentum=None, **kw: torch.optim.Adam(params, lr=lr, **kw)
+)
+OPTIMIZERS.register(
+    "rmsprop", lambda params, lr, momentum=None, **kw: torch.optim.RMSprop(params, lr=lr, **kw)
+)
 OPTIMIZERS.register(
     "sgd",
     lambda params, lr, momentum=0.9, **kw: torch.optim.SGD(params, lr=lr, momentum=momentum, **kw),

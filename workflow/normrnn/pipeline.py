@@ -33,11 +33,23 @@ def fetch_job(smk):
         print(f"wrote {smk.output[0]} from {smk.params.source}")
 
 
-def prepare_job(smk):
-    from .data import prepare
+def download_job(smk):
+    from .download import download
 
     with logged(smk):
-        meta = prepare(smk.input.raw, Path(smk.output.meta).parent, dict(smk.params.spec))
+        download(smk.output[0], dict(smk.params.spec), log=lambda m: print(m, flush=True))
+
+
+def prepare_job(smk):
+    from .data import prepare
+    from .download import verify
+
+    with logged(smk):
+        for path in smk.input.raw:  # a file placed by hand is checked like a downloaded one
+            pins = smk.params.pins.get(Path(path).name)
+            if pins is not None:
+                verify(path, pins)
+        meta = prepare(list(smk.input.raw), Path(smk.output.meta).parent, dict(smk.params.spec))
         print(json.dumps({k: v for k, v in meta.items() if k != "vocab"}, indent=2))
 
 
@@ -83,14 +95,33 @@ def evaluate_job(smk):
 
 
 def tables_job(smk):
-    from .tables import collect, write_tables
+    import pandas as pd
+
+    from .tables import collect, compare_reported, write_tables
 
     with logged(smk):
+        study = smk.wildcards.study
         runs = collect(smk.input.evals)
         runs.to_csv(smk.output.runs, index=False)
-        table = write_tables(runs, smk.output.md, smk.output.tex, f"Study {smk.wildcards.study}")
+        table = write_tables(runs, smk.output.md, smk.output.tex, f"Study {study}")
         Path(smk.output.html).write_text(table.to_html(index=False, border=0, classes="table"))
         print(table.to_string())
+        paper = smk.params.paper
+        cmp = compare_reported(
+            runs, pd.read_csv(smk.input.reported), paper, dict(smk.params.tolerance)
+        )
+        title = f"# Study {study}: reported ({paper}) vs reproduced\n\n" if paper else ""
+        note = (
+            ""
+            if paper
+            else f"Study {study} names no paper: there are no reported numbers to compare.\n"
+        )
+        cmp.to_csv(smk.output.reported_csv, index=False)
+        Path(smk.output.reported_md).write_text(title + note + cmp.to_markdown(index=False) + "\n")
+        Path(smk.output.reported_html).write_text(
+            (f"<p>{note}</p>" if note else "") + cmp.to_html(index=False, border=0, na_rep="")
+        )
+        print(cmp.to_string())
 
 
 def plots_job(smk):

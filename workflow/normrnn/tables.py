@@ -85,3 +85,55 @@ def write_tables(df: pd.DataFrame, md_path, tex_path, title: str) -> pd.DataFram
     Path(md_path).write_text(f"# {title}\n\n" + table.to_markdown(index=False) + "\n")
     Path(tex_path).write_text(table.to_latex(index=False, escape=True))
     return table
+
+
+def compare_reported(
+    runs: pd.DataFrame, reported: pd.DataFrame, paper: str | None, tolerance: dict
+):
+    """The paper's reported numbers beside the reproduced ones (mean ± std over seeds).
+
+    A reported row matches the study's runs of the same task, norm and quantizer; where the
+    paper reports several hidden sizes, the runs are matched to the nearest one. ``flag`` marks
+    a difference larger than the metric's tolerance.
+    """
+    columns = ["task", "norm", "quant", "metric", "reported H", "run H", "reported",
+               "reproduced", "n", "difference", "flag", "source"]  # fmt: skip
+    if paper is None:
+        return pd.DataFrame(columns=columns)
+    rep = reported[(reported["paper"] == paper) & reported["task"].isin(runs["task"].unique())]
+    rows = []
+    for (task, norm, quant), group in rep.groupby(["task", "norm", "quant"], sort=False):
+        sel = runs[(runs.task == task) & (runs.norm == norm) & (runs.quant == quant)]
+        pairs = _nearest_sizes(group, sel) if len(sel) else [(None, r) for _, r in group.iterrows()]
+        for h, r in pairs:
+            metric = r["metric"]
+            mine = sel[sel.hidden_size == h]
+            ok = mine[mine.status != "diverged"]["test_metric"].dropna()
+            row = {"task": task, "norm": norm, "quant": quant, "metric": metric,
+                   "reported H": int(r["hidden_size"]), "run H": h, "reported": r["value"],
+                   "n": len(mine), "source": r["source"]}  # fmt: skip
+            if ok.empty:
+                row.update(
+                    reproduced="diverged" if len(mine) else "not run", difference=None, flag=""
+                )
+            else:
+                diff = ok.mean() - r["value"]
+                std = f" ± {ok.std(ddof=1):.3f}" if len(ok) > 1 else ""
+                row.update(
+                    reproduced=f"{ok.mean():.3f}{std}",
+                    difference=round(diff, 4),
+                    flag="outside tolerance"
+                    if abs(diff) > tolerance.get(metric, float("inf"))
+                    else "",
+                )
+            rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _nearest_sizes(reported_rows: pd.DataFrame, runs: pd.DataFrame) -> list:
+    """(hidden size run, the reported row of the nearest size) for each size run."""
+    out = []
+    for h in sorted(runs["hidden_size"].unique()):
+        i = (reported_rows["hidden_size"] - h).abs().argmin()
+        out.append((int(h), reported_rows.iloc[i]))
+    return out

@@ -212,6 +212,17 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
 
 
 # ----------------------------------------------------------------------------- training
+def make_scheduler(opt, params):
+    """Per-epoch learning-rate schedule: ×``lr_plateau_factor`` when the validation loss
+    stops improving, else ×``lr_decay`` after each epoch from ``lr_decay_start`` on."""
+    if params.get("lr_plateau_factor"):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=params["lr_plateau_factor"], patience=0
+        )
+    decay, start = params.get("lr_decay", 1.0), params.get("lr_decay_start", 0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: decay ** max(0, e - start + 1))
+
+
 def fingerprint(params: dict, code: str = "") -> str:
     """Identifies a run's settings: a checkpoint is only resumed by the same run."""
     blob = json.dumps(params, sort_keys=True, default=str) + code
@@ -239,14 +250,9 @@ def train(
     task = make_task(data_dir, params)
     spec = model_spec(task, params)
     model = build_model(**spec).to(device)
-    opt = make_optimizer(
-        params.get("optimizer", "adam"),
-        model.parameters(),
-        params["lr"],
-        **({"weight_decay": params["weight_decay"]} if params.get("weight_decay") else {}),
-    )
-    decay, start = params.get("lr_decay", 1.0), params.get("lr_decay_start", 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: decay ** max(0, e - start + 1))
+    extra = {k: params[k] for k in ("weight_decay", "momentum") if params.get(k) is not None}
+    opt = make_optimizer(params.get("optimizer", "adam"), model.parameters(), params["lr"], **extra)
+    sched = make_scheduler(opt, params)
     precision = params.get("precision", "fp32")
     ckpt = Checkpointer(ckpt_dir)
     st = {
@@ -357,7 +363,10 @@ def train(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                 )
             )
-            sched.step()
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(v_loss)
+            else:
+                sched.step()
             st.update(
                 epoch=st["epoch"] + 1,
                 batch=0,

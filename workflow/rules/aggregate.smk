@@ -4,6 +4,7 @@
 rule tables:
     input:
         evals=lambda w: study_runs(w.study, "eval.json"),
+        reported=config["reported"],
     output:
         runs=f"{RESULTS}/studies/{{study}}/runs.csv",
         md=f"{RESULTS}/studies/{{study}}/table.md",
@@ -14,12 +15,22 @@ rule tables:
             category="{study}",
             labels={"figure": "table"},
         ),
+        reported_md=f"{RESULTS}/studies/{{study}}/reported.md",
+        reported_csv=f"{RESULTS}/studies/{{study}}/reported.csv",
+        reported_html=report(
+            f"{RESULTS}/studies/{{study}}/reported.html",
+            caption="../report/reported.rst",
+            category="{study}",
+            labels={"figure": "reported vs reproduced"},
+        ),
     log:
         "logs/tables/{study}.log",
     conda:
         "../../envs/report.yaml"
     params:
         code=TABLES_CODE,
+        paper=lambda w: STUDY[w.study].get("paper"),
+        tolerance=config["tolerance"],
     script:
         "../scripts/tables.py"
 

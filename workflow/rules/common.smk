@@ -9,6 +9,7 @@ from normrnn import config as nc  # noqa: E402
 nc.validate(config)
 RUNS = nc.expand(config)
 STUDIES = [s["name"] for s in config["studies"]]
+STUDY = {s["name"]: s for s in config["studies"]}
 CODE_VERSION = nc.code_version()
 TABLES_CODE = nc.code_version(modules=("tables", "pipeline"))
 PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"))
@@ -39,7 +40,17 @@ def prepared_data(wildcards):
 
 
 def raw_of_dataset(wildcards):
-    return f"{DATA}/raw/{config['datasets'][wildcards.dataset]['source']}"
+    """An offline source's file, or the dataset's downloads (in the config's order)."""
+    ds = config["datasets"][wildcards.dataset]
+    if "source" in ds:
+        return [f"{DATA}/raw/{ds['source']}"]
+    return [f"{DATA}/downloads/{f}" for f in ds["downloads"]]
+
+
+def download_pins(wildcards):
+    """The pinned checksums of the dataset's downloads, checked before preparing."""
+    ds = config["datasets"][wildcards.dataset]
+    return {f: config["downloads"][f] for f in ds.get("downloads", [])}
 
 
 def run_record(wildcards):

@@ -17,6 +17,23 @@ rule fetch:
         "../scripts/fetch.py"
 
 
+rule download:
+    output:
+        f"{DATA}/downloads/{{file}}",
+    log:
+        "logs/download/{file}.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=500,
+        runtime=60,
+    params:
+        spec=lambda w: config["downloads"][w.file],
+    script:
+        "../scripts/download.py"
+
+
 rule prepare:
     input:
         raw=raw_of_dataset,
@@ -34,5 +51,6 @@ rule prepare:
         runtime=10,
     params:
         spec=lambda w: config["datasets"][w.dataset],
+        pins=download_pins,
     script:
         "../scripts/prepare.py"

@@ -1,0 +1,64 @@
+"""Tables: mean ± std over seeds, diverged runs, reported vs reproduced."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from normrnn.tables import compare_reported, study_table
+
+REPORTED = pd.DataFrame(
+    [
+        ("p", "P et al.", "word", 300, "none", "fp", "perplexity", 91.5),
+        ("p", "P et al.", "word", 650, "none", "fp", "perplexity", 87.6),
+        ("p", "P et al.", "char", 512, "bn", "bc", "bpc", 1.50),
+        ("p", "P et al.", "char", 512, "ln", "bc", "bpc", 1.49),
+        ("q", "Q et al.", "char", 512, "bn", "bc", "bpc", 9.99),
+    ],
+    columns=["paper", "source", "task", "hidden_size", "norm", "quant", "metric", "value"],
+)
+
+
+def runs(rows):
+    cols = ["task", "norm", "quant", "hidden_size", "seed", "status", "test_metric"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.assign(
+        metric=df.task.map({"word": "perplexity", "char": "bpc"}),
+        seconds_per_step=0.01,
+        model_bits=1000,
+    )
+
+
+RUNS = runs(
+    [
+        ("word", "none", "fp", 600, 1, "ok", 90.0),
+        ("word", "none", "fp", 600, 2, "ok", 94.0),
+        ("char", "bn", "bc", 512, 1, "ok", 1.51),
+        ("char", "bn", "bc", 512, 2, "diverged", math.nan),
+    ]
+)
+
+
+def test_compare_reported():
+    cmp = compare_reported(RUNS, REPORTED, "p", {"perplexity": 5.0, "bpc": 0.005}).set_index(
+        ["task", "norm"]
+    )
+    word = cmp.loc[("word", "none")]
+    assert word["reported H"] == 650 and word["run H"] == 600  # nearest reported size
+    assert word["reported"] == 87.6 and word["reproduced"] == "92.000 ± 2.828" and word["n"] == 2
+    assert word["difference"] == pytest.approx(92.0 - 87.6) and word["flag"] == ""
+    char = cmp.loc[("char", "bn")]
+    assert char["reproduced"] == "1.510" and char["n"] == 2  # one of two seeds diverged
+    assert char["difference"] == pytest.approx(0.01) and char["flag"] == "outside tolerance"
+    ln = cmp.loc[("char", "ln")]
+    assert ln["reproduced"] == "not run" and ln["reported"] == 1.49
+    assert len(cmp) == 3  # paper q is not mixed in
+    assert compare_reported(RUNS, REPORTED, None, {}).empty
+
+
+def test_study_table_mean_std_and_diverged():
+    t = study_table(RUNS).set_index(["task", "norm"])
+    assert t.loc[("word", "none"), "test"] == "92.000 ± 2.828"
+    assert t.loc[("char", "bn"), "test"] == "1.510 (1 diverged)"
+    all_bad = runs([("char", "ln", "bc", 8, 1, "diverged", math.nan)])
+    assert study_table(all_bad)["test"].tolist() == ["diverged"]
