@@ -117,7 +117,10 @@ def tables_job(smk):
             else f"Study {study} names no paper: there are no reported numbers to compare.\n"
         )
         cmp.to_csv(smk.output.reported_csv, index=False)
-        Path(smk.output.reported_md).write_text(title + note + cmp.to_markdown(index=False) + "\n")
+        blank = cmp.astype(object).where(cmp.notna(), "")
+        Path(smk.output.reported_md).write_text(
+            title + note + blank.to_markdown(index=False) + "\n"
+        )
         Path(smk.output.reported_html).write_text(
             (f"<p>{note}</p>" if note else "") + cmp.to_html(index=False, border=0, na_rep="")
         )
