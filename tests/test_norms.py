@@ -250,3 +250,24 @@ def test_invalid_norm_options_are_refused():
     with pytest.raises(ValueError, match="max_steps"):
         term("bn", max_steps=0)
     assert math.isfinite(tanh_variance(3.0))
+
+
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "linfbn"])
+def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
+    from normrnn.norms import ActivationNorm
+
+    def run():
+        torch.manual_seed(0)
+        layer = LSTMLayer(3, 5, norm=norm, max_steps=6).double()
+        for _ in range(3):
+            layer(torch.randn(6, 8, 3, dtype=torch.float64))
+        return {k: v.clone() for k, v in layer.norm.state_dict().items()}
+
+    deferred = run()
+    monkeypatch.setattr(
+        ActivationNorm, "_step", staticmethod(lambda term, a, t: term(a.unsqueeze(0), t)[0])
+    )
+    immediate = run()
+    for key, value in deferred.items():
+        torch.testing.assert_close(value, immediate[key], msg=key)
+    assert int(deferred["h.steps_seen"]) == (1 if norm == "bn_shared" else 6)

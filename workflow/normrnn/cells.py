@@ -99,6 +99,7 @@ class RecurrentLayer(nn.Module):
         for t, xt in enumerate(xp.unbind(0)):
             state = self.step(xt, state, w_hh, t)
             outputs.append(state[0])
+        self.norm.end_sequence()
         return torch.stack(outputs), state
 
     def initial_state(self, x):

@@ -57,6 +57,9 @@ class CellNorm(nn.Module):
     def cell_output(self, c: torch.Tensor, t: int) -> torch.Tensor:
         return torch.tanh(c)
 
+    def end_sequence(self) -> None:
+        """Called by the layer after its time loop (batch norms write their statistics)."""
+
 
 NORMS.register("none", CellNorm)
 
@@ -143,6 +146,7 @@ class BatchNormTerm(TermNorm):
     def __init__(self, *args, eps=1e-5, momentum=0.05, shared=False, **kw):
         super().__init__(*args, **kw)
         self.eps, self.momentum, self.shared = eps, momentum, shared
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         slots = 1 if shared else self.max_steps
         self.register_buffer("running_mean", torch.zeros(slots, self.features))
         self.register_buffer("running_stat", torch.ones(slots, self.features))
@@ -156,13 +160,22 @@ class BatchNormTerm(TermNorm):
     def denominator(self, stat: torch.Tensor) -> torch.Tensor:
         return (stat + self.eps).sqrt()
 
-    def forward(self, a, t0=0):
+    def forward(self, a, t0=0, defer=False):
+        """``defer``: keep this step's statistics until :meth:`flush` (the layer's time loop
+        writes them all at once after the loop)."""
         x = a.reshape(1, -1, a.shape[-1]) if self.shared else a
         if self.training:
-            mean = x.mean(1, keepdim=True)
+            if type(self).statistic is BatchNormTerm.statistic:  # L2: torch's fused kernel
+                y, mean, stat = self._fused(x)
+            else:
+                mean = x.mean(1, keepdim=True)
+                stat = self.statistic(x - mean)
+                y = None
+            record = (mean[:, 0].detach(), stat[:, 0].detach(), t0)
+            self._pending.append(record) if defer else self._update(*record)
+            if y is not None:
+                return y.reshape(a.shape)
             centered = x - mean
-            stat = self.statistic(centered)
-            self._update(mean[:, 0].detach(), stat[:, 0].detach(), t0)
         else:
             idx = self._slots(t0, x.shape[0], x.device)
             mean, stat = self.running_mean[idx, None], self.running_stat[idx, None]
@@ -174,6 +187,34 @@ class BatchNormTerm(TermNorm):
             return torch.zeros(1, dtype=torch.long, device=device)
         last = max(int(self.steps_seen), 1) - 1
         return torch.arange(t0, t0 + steps, device=device).clamp(max=last)
+
+    def _fused(self, x):
+        """L2 batch norm of a (T, B, F) block with per-step statistics in one call of
+        ``torch.native_batch_norm``: the block is viewed as B examples of T·F channels. Returns
+        the affine output and the (T, 1, F) batch mean and (biased) variance."""
+        steps, batch, features = x.shape
+        flat = x.transpose(0, 1).reshape(batch, steps * features)
+        weight = self.weight.repeat(steps)
+        bias = None if self.bias is None else self.bias.repeat(steps)
+        y, mean, invstd = torch.native_batch_norm(
+            flat, weight, bias, None, None, True, 0.0, self.eps
+        )
+        var = invstd.detach().pow(-2) - self.eps
+        shape = (steps, 1, features)
+        return y.view(batch, steps, features).transpose(0, 1), mean.view(shape), var.view(shape)
+
+    def flush(self) -> None:
+        """Write the deferred per-step statistics (consecutive steps) in one update."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if self.shared:
+            for mean, stat, t0 in pending:
+                self._update(mean, stat, t0)
+            return
+        self._update(
+            torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]), pending[0][2]
+        )
 
     @torch.no_grad()
     def _update(self, mean, stat, t0):
@@ -278,10 +319,21 @@ class ActivationNorm(CellNorm):
         return self.x(a, t0)
 
     def hidden_term(self, a, t):
-        return self.h(a.unsqueeze(0), t)[0]
+        return self._step(self.h, a, t)
 
     def cell_output(self, c, t):
-        return torch.tanh(c if self.c is None else self.c(c.unsqueeze(0), t)[0])
+        return torch.tanh(c if self.c is None else self._step(self.c, c, t))
+
+    @staticmethod
+    def _step(term, a, t):
+        if isinstance(term, BatchNormTerm):
+            return term(a.unsqueeze(0), t, defer=True)[0]
+        return term(a.unsqueeze(0), t)[0]
+
+    def end_sequence(self):
+        for term in (self.h, self.c):
+            if isinstance(term, BatchNormTerm):
+                term.flush()
 
 
 class WeightNorm(CellNorm):
