@@ -18,6 +18,7 @@ def workflow_copy(tmp: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     shutil.copytree(ROOT / "workflow", dest / "workflow", ignore=ignore)
     shutil.copytree(ROOT / "envs", dest / "envs")
+    shutil.copytree(ROOT / "profiles", dest / "profiles")
     (dest / "config").mkdir()
     shutil.copy(ROOT / "config" / "reported.csv", dest / "config")
     return dest
@@ -33,8 +34,8 @@ def load_tiny() -> dict:
     return yaml.safe_load((ROOT / "tests" / "data" / "tiny.yaml").read_text())
 
 
-def snakemake(wf: Path, *args, config="config/test.yaml", check=True, timeout=600):
-    cmd = [sys.executable, "-m", "snakemake", "--configfile", config, *args]
+def snakemake(wf: Path, *args, config="config/test.yaml", check=True, timeout=600, prefix=()):
+    cmd = [*prefix, sys.executable, "-m", "snakemake", "--configfile", config, *args]
     proc = subprocess.run(cmd, cwd=wf, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
