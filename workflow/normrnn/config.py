@@ -122,6 +122,10 @@ def _check_names(config: dict) -> None:
             _one_of(f"datasets.{name}.downloads[{j}]", f, downloads)
         _one_of(f"datasets.{name}.format", default_format(ds), FORMATS)
     _check_hparams("defaults", config.get("defaults", {}))
+    for name, spec in (config.get("bench") or {}).items():
+        for key, registry in (("norms", NORMS), ("quants", QUANTIZERS), ("cells", CELLS)):
+            for j, value in enumerate(spec.get(key, [])):
+                _one_of(f"bench.{name}.{key}[{j}]", value, registry)
     for name, task in tasks.items():
         if task["dataset"] not in datasets:
             raise ConfigError(

@@ -155,3 +155,23 @@ def summary_job(smk):
         df = pd.concat([pd.read_csv(p) for p in smk.input], ignore_index=True)
         df.to_csv(smk.output[0], index=False)
         print(f"{len(df)} runs, {int((df['status'] != 'ok').sum())} not ok", file=sys.stdout)
+
+
+def bench_job(smk):
+    import pandas as pd
+
+    from . import bench, plots
+
+    with logged(smk):
+        spec = dict(smk.params.spec)
+        argv = [f"--threads={smk.threads}"]
+        for key in ("hidden", "batch", "steps", "input", "device", "dtype", "warmup", "repeats"):
+            if key in spec:
+                argv.append(f"--{key}={spec[key]}")
+        for key in ("norms", "quants", "cells"):
+            if key in spec:
+                argv.append(f"--{key}={','.join(spec[key])}")
+        env, rows = bench.run(bench.parse(argv))
+        df = pd.DataFrame(rows).assign(sgemm_gflops=env["sgemm_gflops"])
+        df.to_csv(smk.output.csv, index=False)
+        plots.bench_ratios(df, smk.output.plot, env)

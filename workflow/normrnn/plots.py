@@ -98,3 +98,30 @@ def cost(runs: pd.DataFrame, path) -> None:
     for ax in g.axes.flat:
         ax.tick_params(axis="x", rotation=45)
     _save(g, path)
+
+
+def bench_ratios(df: pd.DataFrame, path, env: dict) -> None:
+    """Training throughput of each variant as a fraction of the fused cell (1 = as fast)."""
+    g = sns.catplot(
+        data=df,
+        x="norm",
+        y="train_ratio",
+        hue="quant",
+        col="cell",
+        kind="bar",
+        errorbar=None,
+        height=3.2,
+        aspect=1.6,
+    )
+    for ax in g.axes.flat:
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.tick_params(axis="x", rotation=45)
+    g.set_axis_labels("norm", "training throughput / fused")
+    row = df.iloc[0]
+    g.figure.suptitle(
+        f"H={row['hidden']} B={row['batch']} T={row['steps']}, {env['device']}, {env['threads']} "
+        f"threads, {env['allocator']}",
+        y=1.04,
+        fontsize=9,
+    )
+    _save(g, path)

@@ -84,3 +84,27 @@ rule summary:
         "../../envs/report.yaml"
     script:
         "../scripts/summary.py"
+
+
+rule bench:
+    output:
+        csv=f"{RESULTS}/bench/{{name}}.csv",
+        plot=report(
+            f"{RESULTS}/bench/{{name}}.png",
+            caption="../report/bench.rst",
+            category="Cost",
+            labels={"figure": "{name}"},
+        ),
+    log:
+        "logs/bench/{name}.log",
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        spec=lambda w: config["bench"][w.name],
+        code=BENCH_CODE,
+    script:
+        "../scripts/bench.py"

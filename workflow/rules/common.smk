@@ -13,6 +13,7 @@ STUDY = {s["name"]: s for s in config["studies"]}
 CODE_VERSION = nc.code_version()
 TABLES_CODE = nc.code_version(modules=("tables", "pipeline"))
 PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"))
+BENCH_CODE = nc.code_version(modules=("bench", "cells", "norms", "quantizers", "plots"))
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 PREPARED = ["train.pt", "valid.pt", "test.pt", "meta.json"]
@@ -83,4 +84,5 @@ def all_targets():
     out = [f"{RESULTS}/summary.csv"]
     for s in STUDIES:
         out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
+    out += [f"{RESULTS}/bench/{name}.csv" for name in config.get("bench", {})]
     return out

@@ -1,0 +1,45 @@
+"""The benchmark's measurements (not timings: those are figures, never asserted)."""
+
+import json
+
+import torch
+
+from normrnn import bench
+
+
+def test_saved_bytes_counts_what_autograd_keeps():
+    x = torch.randn(100, 10, requires_grad=True)
+    assert bench.saved_bytes(lambda: x.pow(2)) == 100 * 10 * 4  # pow saves its input
+    w = torch.randn(10, 10, requires_grad=True)
+    # mm saves both operands; tanh saves its output (two distinct tensors)
+    expected = 4 * (100 * 10 + 10 * 10) + 4 * 100 * 10
+    assert bench.saved_bytes(lambda: torch.tanh(x @ w)) == expected
+
+
+def test_step_flops_by_hand():
+    # LSTM: 4 gates × H outputs × (I + H) inputs × 2 flops × T × B, and ×3 for backward
+    assert bench.step_flops("lstm", 3, 5, 7, 11) == 3 * 2 * 11 * 7 * 8 * 4 * 5
+    assert bench.step_flops("gru", 3, 5, 7, 11) == 3 * 2 * 11 * 7 * 8 * 3 * 5
+
+
+def test_cli_writes_every_variant(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = ["--hidden=8", "--batch=4", "--steps=5", "--norms=none,bn", "--quants=fp,bc",
+            "--cells=lstm,gru", "--repeats=2", "--warmup=1", f"--json={out}"]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8
+    keys = {
+        "norm",
+        "quant",
+        "cell",
+        "train_ratio",
+        "infer_ratio",
+        "peak_mem_mb",
+        "threads",
+        "allocator",
+    }
+    assert keys <= set(rows[0])
+    assert all(r["train_ratio"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    text = capsys.readouterr().out
+    assert "sgemm roof" in text and "allocator" in text

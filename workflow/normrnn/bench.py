@@ -1,0 +1,225 @@
+"""Benchmark every norm × quantizer cell against the fused torch.nn.LSTM / GRU.
+
+    python -m normrnn.bench --hidden 256 --batch 64 --steps 100 [--json out.json]
+
+For each variant and its fused baseline of the same size (same process, timed alternately,
+warm-up excluded, median of ``--repeats``): training-step throughput (forward + backward of
+one sequence) and inference throughput, as ratios to the baseline; the memory a training step
+saves for backward (exact, from autograd's saved-tensor hooks; on CUDA the peak allocated);
+and the fraction of the machine's sgemm roof the training step reaches. The threads and the
+memory allocator are recorded: the allocator alone moves the CPU baseline by a third.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .cells import CELLS
+from .norms import NORMS
+from .quantizers import QUANTIZERS
+
+
+def allocator() -> str:
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return f"{name} ({os.environ.get('MALLOC_CONF', 'default settings')})"
+    return "glibc malloc" if platform.system() == "Linux" else "system default"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sgemm_gflops(device, dtype, n=1024, repeats=10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def step_flops(cell, inp, hidden, batch, steps) -> float:
+    """Matmul FLOPs of one training step (forward, and twice that for backward)."""
+    gates = CELLS[cell].gates
+    return 3 * 2 * steps * batch * (inp + hidden) * gates * hidden
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during ``fn()``."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def time_pair(f_base, f_var, device, warmup, repeats):
+    for _ in range(warmup):
+        f_base()
+        f_var()
+    base, var = [], []
+    for _ in range(repeats):
+        for f, acc in ((f_base, base), (f_var, var)):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(base), statistics.median(var)
+
+
+def bench_variant(cell, norm, quant, args, device, dtype, roof):
+    torch.manual_seed(0)
+    inp, h, b, t = args.input, args.hidden, args.batch, args.steps
+    layer = CELLS[cell](inp, h, norm=norm, quant=quant, max_steps=t).to(device, dtype)
+    fused = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(inp, h).to(device, dtype)
+    x = torch.randn(t, b, inp, device=device, dtype=dtype)
+
+    def train(module):
+        def f():
+            module.zero_grad(set_to_none=True)
+            module(x)[0].pow(2).mean().backward()
+
+        return f
+
+    def infer(module):
+        def f():
+            with torch.no_grad():
+                module(x)
+
+        return f
+
+    layer.train()
+    base_t, var_t = time_pair(train(fused), train(layer), device, args.warmup, args.repeats)
+    layer.eval()
+    base_i, var_i = time_pair(infer(fused), infer(layer), device, args.warmup, args.repeats)
+    layer.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        train(layer)()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = saved_bytes(lambda: layer(x)[0].pow(2).mean())
+    flops = step_flops(cell, inp, h, b, t)
+    return {
+        "cell": cell,
+        "norm": norm,
+        "quant": quant,
+        "hidden": h,
+        "batch": b,
+        "steps": t,
+        "input": inp,
+        "train_ms": 1000 * var_t,
+        "train_ms_fused": 1000 * base_t,
+        "train_ratio": base_t / var_t,
+        "infer_ratio": base_i / var_i,
+        "peak_mem_mb": peak / 2**20,
+        "roof_fraction": flops / var_t / 1e9 / roof,
+        "roof_fraction_fused": flops / base_t / 1e9 / roof,
+    }
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m normrnn.bench", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=100, help="sequence length T")
+    p.add_argument("--input", type=int, default=None, help="input size (default: hidden)")
+    p.add_argument("--norms", default=",".join(NORMS), help="comma-separated, default all")
+    p.add_argument("--quants", default="fp,bc,twn")
+    p.add_argument("--cells", default="lstm,gru")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--json", default=None, help="write the rows as a JSON list here")
+    p.add_argument("--csv", default=None, help="write the rows as CSV here")
+    args = p.parse_args(argv)
+    args.input = args.input or args.hidden
+    return args
+
+
+def run(args) -> tuple[dict, list[dict]]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    roof = sgemm_gflops(device, dtype)
+    env = {
+        "torch": torch.__version__,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "allocator": allocator(),
+        "sgemm_gflops": roof,
+        "machine": platform.processor() or platform.machine(),
+    }
+    rows = []
+    for cell in args.cells.split(","):
+        for norm in args.norms.split(","):
+            for quant in args.quants.split(","):
+                NORMS[norm], QUANTIZERS[quant], CELLS[cell]  # unknown names fail early
+                row = bench_variant(cell, norm, quant, args, device, dtype, roof)
+                rows.append(
+                    {**row, **{k: env[k] for k in ("threads", "allocator", "device", "dtype")}}
+                )
+                print(
+                    f"{cell:4s} {norm:9s} {quant:5s} train {row['train_ratio']:.2f}x "
+                    f"infer {row['infer_ratio']:.2f}x of fused, {row['train_ms']:.1f} ms/step, "
+                    f"{row['roof_fraction']:.0%} of roof, saved {row['peak_mem_mb']:.1f} MB",
+                    flush=True,
+                )
+    return env, rows
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    print(
+        f"normrnn.bench: H={args.hidden} B={args.batch} T={args.steps} input={args.input}",
+        flush=True,
+    )
+    env, rows = run(args)
+    print(
+        f"machine: {env['machine']}, {env['device']}, {env['dtype']}, {env['threads']} threads, "
+        f"allocator {env['allocator']}, sgemm roof {env['sgemm_gflops']:.1f} GFLOP/s, "
+        f"fused training step at {rows[0]['roof_fraction_fused']:.0%} of it"
+        if rows
+        else "",
+        flush=True,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    if args.csv:
+        import pandas as pd
+
+        pd.DataFrame(rows).assign(sgemm_gflops=env["sgemm_gflops"]).to_csv(args.csv, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
