@@ -62,3 +62,28 @@ def test_study_table_mean_std_and_diverged():
     assert t.loc[("char", "bn"), "test"] == "1.510 (1 diverged)"
     all_bad = runs([("char", "ln", "bc", 8, 1, "diverged", math.nan)])
     assert study_table(all_bad)["test"].tolist() == ["diverged"]
+
+
+def test_welch_on_identical_and_clearly_different_samples():
+    from scipy import stats
+
+    from normrnn.tables import welch_p
+
+    same = [0.50, 0.52, 0.48, 0.51]
+    assert welch_p(same, list(same)) == pytest.approx(1.0)
+    far = [0.90, 0.91, 0.89, 0.92]
+    assert welch_p(same, far) < 1e-4
+    assert welch_p(same, far) == pytest.approx(stats.ttest_ind(same, far, equal_var=False).pvalue)
+    assert math.isnan(welch_p([0.5], far))  # one seed: no test
+
+
+def test_table_marks_significant_differences_to_the_baseline():
+    rows = [("char", "none", "fp", 8, s, "ok", v) for s, v in enumerate([1.50, 1.51, 1.49])]
+    rows += [("char", "ln", "fp", 8, s, "ok", v) for s, v in enumerate([1.30, 1.31, 1.29])]
+    rows += [("char", "wn", "fp", 8, s, "ok", v) for s, v in enumerate([1.52, 1.48, 1.50])]
+    t = study_table(runs(rows)).set_index("norm")
+    assert t.loc["none", "p vs baseline"] == ""
+    assert t.loc["ln", "p vs baseline"].endswith(" *")
+    assert (
+        not t.loc["wn", "p vs baseline"].endswith("*") and float(t.loc["wn", "p vs baseline"]) > 0.5
+    )

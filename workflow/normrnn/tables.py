@@ -32,17 +32,38 @@ def _cell(values: pd.Series, statuses: pd.Series, digits: int) -> str:
     return text
 
 
+SIGNIFICANCE = "Welch's t-test against the task's first variant; * p < 0.05"
+
+
+def welch_p(a, b) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances); NaN under two values a side."""
+    from scipy import stats
+
+    a, b = pd.Series(a, dtype=float).dropna(), pd.Series(b, dtype=float).dropna()
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    if a.std(ddof=1) == 0 and b.std(ddof=1) == 0:
+        return 1.0 if a.mean() == b.mean() else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
 def study_table(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """One row per variant: the test metric as mean ± std over seeds, diverged runs named."""
+    """One row per variant: the test metric as mean ± std over seeds, diverged runs named, and
+    the Welch p-value of its difference to the task's first variant (the baseline)."""
     optional = [
         c for c in ["cell", "num_layers", *grid_columns(df)] if c in df and df[c].nunique() > 1
     ]
     keys = ["task", "metric", *optional, "norm", "quant"]
-    rows = []
+    rows, baseline = [], {}
     for key, g in df.groupby(keys, sort=False, dropna=False):
         row = dict(zip(keys, key, strict=True))
+        ok = g.loc[g["status"] != "diverged", "test_metric"]
+        first = row["task"] not in baseline
+        base = baseline.setdefault(row["task"], ok)
+        p = float("nan") if first else welch_p(ok, base)
         row["test"] = _cell(g["test_metric"], g["status"], digits)
         row["seeds"] = len(g)
+        row["p vs baseline"] = "" if p != p else f"{p:.3f}{' *' if p < 0.05 else ''}"
         row["ms/step"] = f"{1000 * g['seconds_per_step'].median():.1f}"
         row["kbit"] = f"{g['model_bits'].iloc[0] / 1000:.1f}"
         rows.append(row)
@@ -82,7 +103,13 @@ def grid_columns(df: pd.DataFrame) -> list[str]:
 
 def write_tables(df: pd.DataFrame, md_path, tex_path, title: str) -> pd.DataFrame:
     table = study_table(df)
-    Path(md_path).write_text(f"# {title}\n\n" + table.to_markdown(index=False) + "\n")
+    base = df.groupby("task", sort=False).first()
+    note = "Baselines: " + ", ".join(f"{t}: {r['norm']}+{r['quant']}" for t, r in base.iterrows())
+    Path(md_path).write_text(
+        f"# {title}\n\nTest metric, mean ± std over seeds. p: {SIGNIFICANCE}. {note}.\n\n"
+        + table.to_markdown(index=False)
+        + "\n"
+    )
     Path(tex_path).write_text(table.to_latex(index=False, escape=True))
     return table
 
