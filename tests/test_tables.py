@@ -87,3 +87,21 @@ def test_table_marks_significant_differences_to_the_baseline():
     assert (
         not t.loc["wn", "p vs baseline"].endswith("*") and float(t.loc["wn", "p vs baseline"]) > 0.5
     )
+
+
+def test_grid_axes_become_columns_and_other_columns_do_not(tmp_path):
+    import json
+
+    from normrnn.tables import collect
+
+    base = {"task": "char", "norm": "ln", "quant": "fp", "hidden_size": 8, "status": "ok"}
+    base.update(metric="bpc", seconds_per_step=0.01, model_bits=10)
+    paths = []
+    for i, cell in enumerate(["lstm", "gru"]):
+        for seed in (1, 2):
+            p = tmp_path / f"{i}{seed}.json"
+            row = {**base, "seed": seed, "grid": {"cell": cell}, "test_metric": 1.0 + i}
+            p.write_text(json.dumps({**row, "lambda1_hh_fp": 1.0 + seed}))
+            paths.append(p)
+    t = study_table(collect(paths))
+    assert "cell" in t.columns and "lambda1_hh_fp" not in t.columns and len(t) == 2

@@ -42,6 +42,7 @@ class RecurrentLayer(nn.Module):
                 f"sizes must be positive, got input {input_size}, hidden {hidden_size}"
             )
         self.input_size, self.hidden_size = input_size, hidden_size
+        self.recorded = None
         self.norm_name, self.quant_name = norm, quant
         size = self.gates * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(size, input_size))
@@ -99,6 +100,8 @@ class RecurrentLayer(nn.Module):
         for t, xt in enumerate(xp.unbind(0)):
             state = self.step(xt, state, w_hh, t)
             outputs.append(state[0])
+            if self.recorded is not None:  # diagnostics.recording
+                self.recorded.append(state[0])
         self.norm.end_sequence()
         return torch.stack(outputs), state
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .models import model_bits
+from .diagnostics import spectral_norms
+from .models import model_bits, recurrent_layers
 from .training import evaluate, load_model, make_task, resolve_device
 
 
@@ -36,6 +37,12 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
     params = saved["params"]
     task = make_task(data_dir, params)
     result = {**run, **info}
+    layer = recurrent_layers(model)[0]
+    spectral = spectral_norms(layer)
+    result.update({k: v for k, v in spectral.items() if not isinstance(v, list)})
+    result["lambda1_gates_effective"] = json.dumps(
+        [round(v, 4) for v in spectral["lambda1_gates_effective"]]
+    )
     result.update(
         n_params=sum(p.numel() for p in model.parameters()),
         model_bits=model_bits(model),

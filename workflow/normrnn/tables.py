@@ -14,7 +14,9 @@ def collect(paths) -> pd.DataFrame:
     grid_cols = sorted({k for r in rows for k in (r.get("grid") or {})})
     for col in grid_cols:
         df[col] = [(r.get("grid") or {}).get(col) for r in rows]
-    return df.drop(columns=["grid"], errors="ignore")
+    df = df.drop(columns=["grid"], errors="ignore")
+    df.attrs["grid"] = grid_cols
+    return df
 
 
 def _cell(values: pd.Series, statuses: pd.Series, digits: int) -> str:
@@ -71,34 +73,8 @@ def study_table(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
 
 
 def grid_columns(df: pd.DataFrame) -> list[str]:
-    fixed = {
-        "study",
-        "task",
-        "run",
-        "norm",
-        "quant",
-        "seed",
-        "dataset",
-        "status",
-        "stop_step",
-        "epochs_done",
-        "steps",
-        "metric",
-        "train_seconds",
-        "seconds_per_step",
-        "peak_memory_mb",
-        "device",
-        "threads",
-        "n_params",
-        "model_bits",
-        "hidden_size",
-        "cell",
-        "num_layers",
-        "test_loss",
-        "test_metric",
-        "infer_seconds_per_step",
-    }
-    return [c for c in df.columns if c not in fixed]
+    """The study's grid axes: the keys of the runs' ``grid`` (kept by :func:`collect`)."""
+    return [c for c in df.attrs.get("grid", []) if c in df]
 
 
 def write_tables(df: pd.DataFrame, md_path, tex_path, title: str) -> pd.DataFrame:
