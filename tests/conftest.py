@@ -42,3 +42,15 @@ def chars_dir(tmp_path_factory) -> Path:
     fetch("cpython_pydoc", tmp / "raw")
     prepare(tmp / "raw", tmp / "prepared", {"kind": "char", "splits": [0.9, 0.05, 0.05]})
     return tmp / "prepared"
+
+
+@pytest.fixture(scope="session")
+def server():
+    """A loopback HTTP server with stand-ins of the papers' data files (tests/standins.py)."""
+    from standins import Server, all_files
+
+    files, sums = all_files()
+    s = Server(files)
+    s.sums = sums
+    yield s
+    s.close()

@@ -1,19 +1,10 @@
 """Downloads against a loopback server: checksums, mirrors, truncation, unreachable hosts."""
 
 import pytest
-from standins import Server, all_files, closed_port_url, md5
+from standins import closed_port_url, md5
 
 from normrnn.data import DataError, load_meta, load_split, prepare
 from normrnn.download import download, verify
-
-
-@pytest.fixture(scope="module")
-def server():
-    files, sums = all_files()
-    s = Server(files)
-    s.sums = sums
-    yield s
-    s.close()
 
 
 def no_leftovers(path):

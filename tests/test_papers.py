@@ -7,7 +7,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from standins import Server, all_files, md5, write
+from standins import md5, write
 
 from pipeline_helpers import ROOT, planned_jobs, snakemake, workflow_copy, write_config
 
@@ -38,15 +38,6 @@ def paper_small(server, sums) -> dict:
         study.pop("task_overrides", None)
     cfg["defaults"]["checkpoint_every"] = 0
     return cfg
-
-
-@pytest.fixture(scope="module")
-def server():
-    files, sums = all_files()
-    s = Server(files)
-    s.sums = sums
-    yield s
-    s.close()
 
 
 def test_default_config_lists_the_full_matrix(tmp_path):

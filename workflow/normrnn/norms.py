@@ -89,28 +89,30 @@ class TermNorm(nn.Module):
         return a.reshape(*a.shape[:-1], self.groups, self.features // self.groups)
 
 
-class GroupLayerNorm(TermNorm):
+class _GroupNorm(TermNorm):
+    """Normalizes each gate block with the torch function ``normalize``, then the gains."""
+
+    normalize = None
+
+    def __init__(self, *args, eps=1e-5, **kw):
+        super().__init__(*args, **kw)
+        self.eps = eps
+
+    def forward(self, a, t0=0):
+        g = self.grouped(a)
+        return self.affine(type(self).normalize(g, g.shape[-1:], eps=self.eps).reshape(a.shape))
+
+
+class GroupLayerNorm(_GroupNorm):
     """Layer norm (Ba et al. 2016) per gate block, via ``F.layer_norm``."""
 
-    def __init__(self, *args, eps=1e-5, **kw):
-        super().__init__(*args, **kw)
-        self.eps = eps
-
-    def forward(self, a, t0=0):
-        g = self.grouped(a)
-        return self.affine(F.layer_norm(g, g.shape[-1:], eps=self.eps).reshape(a.shape))
+    normalize = F.layer_norm
 
 
-class GroupRMSNorm(TermNorm):
+class GroupRMSNorm(_GroupNorm):
     """RMSNorm (Zhang & Sennrich 2019) per gate block: a / sqrt(mean(a²) + eps), via F.rms_norm."""
 
-    def __init__(self, *args, eps=1e-5, **kw):
-        super().__init__(*args, **kw)
-        self.eps = eps
-
-    def forward(self, a, t0=0):
-        g = self.grouped(a)
-        return self.affine(F.rms_norm(g, g.shape[-1:], eps=self.eps).reshape(a.shape))
+    normalize = F.rms_norm
 
 
 class PartialRMSNorm(TermNorm):
