@@ -56,6 +56,14 @@ def final_metric(runs: pd.DataFrame, path) -> None:
     ok = runs[runs["status"] != "diverged"]
     if ok.empty:
         return _placeholder(path, "test metric")
+    better = {
+        "accuracy": "higher is better",
+        "bpc": "lower is better",
+        "perplexity": "lower is better",
+    }
+    ok = ok.assign(
+        task=[f"{t}: {m} ({better.get(m, '')})" for t, m in zip(ok.task, ok.metric, strict=True)]
+    )
     dodge = 0.4 if ok["quant"].nunique() > 1 else False
     g = sns.catplot(
         data=ok,
