@@ -140,3 +140,18 @@ def test_training_reduces_loss_for_every_pair(quant):
         windows = [sum(losses[i : i + 20]) / 20 for i in range(0, len(losses) - 19)]
         first, best = windows[0], min(windows[20:])
         assert best < 0.85 * first, f"{norm}+{quant}: loss {first:.3f} -> best {best:.3f}"
+
+
+def test_gamma_init_axis_reaches_the_activation_norms_only():
+    from normrnn.training import norm_options
+
+    assert norm_options({"norm": "bn", "gamma_init": 0.5}) == {"gamma_init": 0.5}
+    assert norm_options({"norm": "ln", "gamma_init": 0.5, "norm_opts": {"ln": {"eps": 1e-3}}}) == {
+        "eps": 1e-3,
+        "gamma_init": 0.5,
+    }
+    assert norm_options({"norm": "wn", "gamma_init": 0.5}) == {}  # no γ to set
+    layer = build_model(
+        "classifier", num_classes=2, hidden_size=4, norm="bn", norm_opts={"gamma_init": 0.5}
+    ).rnn.layers[0]
+    assert layer.norm.h.weight.tolist() == [0.5] * 16

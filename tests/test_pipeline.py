@@ -49,6 +49,17 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
     assert bits["bc"] < bits["fp"]
 
 
+def test_gradient_flow_is_recorded_at_init_and_after_training(done):
+    import json
+
+    r = json.loads((done / "results/runs/alpha/digits/bn.fp.s1/eval.json").read_text())
+    assert len(r["grad_norms_init"]) == len(r["grad_norms_trained"]) == 64  # one per pixel step
+    assert all(g >= 0 for g in r["grad_norms_init"]) and r["grad_norms_init"][-1] > 0
+    assert r["lambda1_hh_fp"] > 0 and "grad_norms_init" not in pd.read_csv(
+        done / "results/summary.csv"
+    )
+
+
 def test_diverged_run_is_a_result_not_a_crash(done):
     df = pd.read_csv(done / "results" / "summary.csv")
     row = df[df.study == "gamma"].iloc[0]
@@ -68,7 +79,14 @@ def test_tables_and_report_show_every_variant(done):
     assert "±" in (done / "results" / "studies" / "beta" / "table.md").read_text()
     snakemake(done, "--report", "results/report.html")
     html = (done / "results" / "report.html").read_text()
-    for name in ("curves.png", "metric.png", "cost.png", "table.html", "summary.csv"):
+    for name in (
+        "curves.png",
+        "metric.png",
+        "cost.png",
+        "gradflow.png",
+        "table.html",
+        "summary.csv",
+    ):
         assert name in html
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .diagnostics import spectral_norms
-from .models import model_bits, recurrent_layers
+from .diagnostics import hidden_gradient_norms, spectral_norms
+from .models import build_model, model_bits, recurrent_layers
 from .training import evaluate, load_model, make_task, resolve_device
 
 
@@ -61,5 +61,24 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
             test_metric=metric,
             infer_seconds_per_step=inference_seconds_per_step(model, task, device),
         )
+    if info["status"] != "diverged":
+        result["grad_norms_trained"] = gradient_flow(model, task, device)
+        torch.manual_seed(params["seed"])  # the initialisation this run started from
+        result["grad_norms_init"] = gradient_flow(
+            build_model(**saved["spec"]).to(device), task, device
+        )
     Path(out_path).write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+def gradient_flow(model, task, device) -> list[float]:
+    """‖∂L/∂h_t‖ of the first recurrent layer over t, on the first validation batch, with
+    batch statistics as in training (run last: it moves batch-norm population statistics)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    batch = task.batches("valid")[0]
+    layer = recurrent_layers(model)[0]
+    with torch.enable_grad():
+        return hidden_gradient_norms(model, layer, lambda: task.loss(model, batch, None, device)[0])

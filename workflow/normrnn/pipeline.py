@@ -130,7 +130,7 @@ def tables_job(smk):
 def plots_job(smk):
     import pandas as pd
 
-    from . import plots
+    from . import plots, tables
 
     with logged(smk):
         runs = pd.read_csv(smk.input.runs)
@@ -143,6 +143,7 @@ def plots_job(smk):
                 h.assign(task=run["task"], norm=run["norm"], quant=run["quant"], seed=run["seed"])
             )
         histories = pd.concat(frames, ignore_index=True)
+        plots.gradient_flow(tables.gradient_flow(smk.input.evals), smk.output.gradflow)
         plots.learning_curves(histories, smk.output.curves)
         plots.final_metric(runs, smk.output.metric)
         plots.cost(runs, smk.output.cost)

@@ -133,3 +133,27 @@ def bench_ratios(df: pd.DataFrame, path, env: dict) -> None:
         fontsize=9,
     )
     _save(g, path)
+
+
+def gradient_flow(flow: pd.DataFrame, path) -> None:
+    """‖∂L/∂h_t‖ over t at initialisation and after training (log scale), colour = norm."""
+    flow = flow[flow["grad_norm"] > 0]
+    if flow.empty:
+        return _placeholder(path, "gradient norms")
+    g = sns.relplot(
+        data=flow,
+        x="t",
+        y="grad_norm",
+        hue="norm",
+        style="quant",
+        col="task",
+        row="when",
+        kind="line",
+        errorbar=None,
+        facet_kws={"sharey": False, "sharex": False},
+        height=3.0,
+        aspect=1.4,
+    )
+    g.set(yscale="log")
+    g.set_axis_labels("time step t", "‖∂L/∂h_t‖")
+    _save(g, path)

@@ -7,9 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
+LISTS = ("grad_norms_init", "grad_norms_trained")
+
 
 def collect(paths) -> pd.DataFrame:
-    rows = [json.loads(Path(p).read_text()) for p in paths]
+    """One row per run from eval.json files (per-step lists such as gradient norms left out)."""
+    rows = [
+        {k: v for k, v in json.loads(Path(p).read_text()).items() if k not in LISTS} for p in paths
+    ]
     df = pd.DataFrame(rows)
     grid_cols = sorted({k for r in rows for k in (r.get("grid") or {})})
     for col in grid_cols:
@@ -70,6 +75,18 @@ def study_table(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
         row["kbit"] = f"{g['model_bits'].iloc[0] / 1000:.1f}"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def gradient_flow(paths) -> pd.DataFrame:
+    """Long table of ‖∂L/∂h_t‖: task, norm, quant, seed, when (init/trained), t, norm value."""
+    rows = []
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        ident = {k: r[k] for k in ("task", "norm", "quant", "seed")}
+        for when in ("init", "trained"):
+            for t, g in enumerate(r.get(f"grad_norms_{when}") or []):
+                rows.append({**ident, "when": when, "t": t + 1, "grad_norm": g})
+    return pd.DataFrame(rows, columns=["task", "norm", "quant", "seed", "when", "t", "grad_norm"])
 
 
 def grid_columns(df: pd.DataFrame) -> list[str]:

@@ -122,6 +122,21 @@ def make_task(data_dir, params):
     return cls(meta, params, data_dir)
 
 
+def norm_options(params) -> dict:
+    """The run's norm options: ``norm_opts[norm]``, with a ``gamma_init`` hyperparameter (a grid
+    axis) applied to the norms that have a gain γ (the activation norms)."""
+    from functools import partial
+
+    from .norms import NORMS, ActivationNorm
+
+    norm = params["norm"]
+    opts = dict((params.get("norm_opts") or {}).get(norm, {}))
+    impl = NORMS[norm]
+    if "gamma_init" in params and isinstance(impl, partial) and impl.func is ActivationNorm:
+        opts["gamma_init"] = params["gamma_init"]
+    return opts
+
+
 def model_spec(task, params) -> dict:
     """The keyword arguments of build_model for this run (saved with the model)."""
     norm = params["norm"]
@@ -134,7 +149,7 @@ def model_spec(task, params) -> dict:
         "num_layers": params.get("num_layers", 1),
         "dropout": params.get("dropout", 0.0),
         "max_steps": task.max_steps,
-        "norm_opts": (params.get("norm_opts") or {}).get(norm, {}),
+        "norm_opts": norm_options(params),
         "init_scale": params.get("init_scale", 1.0),
         "hh_init": params.get("hh_init", "orthogonal"),
         "forget_bias": params.get("forget_bias", 1.0),

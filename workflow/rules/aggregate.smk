@@ -39,6 +39,7 @@ rule plots:
     input:
         runs=rules.tables.output.runs,
         histories=lambda w: study_runs(w.study, "history.csv"),
+        evals=lambda w: study_runs(w.study, "eval.json"),
     output:
         curves=report(
             f"{RESULTS}/studies/{{study}}/curves.png",
@@ -57,6 +58,12 @@ rule plots:
             caption="../report/cost.rst",
             category="{study}",
             labels={"figure": "cost"},
+        ),
+        gradflow=report(
+            f"{RESULTS}/studies/{{study}}/gradflow.png",
+            caption="../report/gradflow.rst",
+            category="{study}",
+            labels={"figure": "gradient flow"},
         ),
     log:
         "logs/plots/{study}.log",
