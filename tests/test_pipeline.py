@@ -144,3 +144,28 @@ def test_invalid_config_is_refused_before_any_job(tmp_path, what, edit, key):
     assert proc.returncode != 0
     assert "invalid config" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
     assert not (wf / "data").exists() and not (wf / "results").exists()
+
+
+def test_a_second_snakemake_is_refused_by_the_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    wf = workflow_copy(tmp_path)
+    cfg = load_tiny()
+    cfg["studies"] = [cfg["studies"][1]]  # beta: two runs
+    write_config(wf, cfg)
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/test.yaml", "--cores", "1"]
+    first = subprocess.Popen(
+        cmd, cwd=wf, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    locks = wf / ".snakemake" / "locks"
+    start = time.time()
+    while not (locks.exists() and any(locks.iterdir())) and time.time() - start < 60:
+        time.sleep(0.1)
+    second = snakemake(wf, "--cores", "1", check=False)
+    assert second.returncode != 0
+    assert "cannot be locked" in second.stdout + second.stderr
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-2000:]
+    assert len(pd.read_csv(wf / "results" / "summary.csv")) == 2  # the first run's work is intact
