@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -18,9 +17,6 @@ def _seed():
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
-
-
-os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, classification_batches, lm_batches, load_meta, load_split
+from .data import classification_batches, lm_batches, load_meta, load_split
 from .models import build_model
 from .norms import estimate_population_statistics
 from .optim import make_optimizer, update_preconditioners
@@ -458,6 +458,5 @@ __all__ = [
     "load_model",
     "make_task",
     "Checkpointer",
-    "DataError",
     "resolve_device",
 ]
