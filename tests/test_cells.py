@@ -17,13 +17,20 @@ def copy_lstm(ref: torch.nn.LSTM, model):
             layer.bias.copy_(getattr(ref, f"bias_ih_l{i}") + getattr(ref, f"bias_hh_l{i}"))
 
 
+def use_fused(model, on: bool):
+    for layer in model.rnn.layers:
+        layer.use_fused = on
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_plain_lstm_matches_torch_lstm(layers):
+def test_plain_lstm_matches_torch_lstm(layers, fused):
     model = build_model(
         "classifier", num_classes=2, hidden_size=16, input_size=5, num_layers=layers
     )
     ref = torch.nn.LSTM(5, 16, num_layers=layers)
     copy_lstm(ref, model)
+    use_fused(model, fused)
     x = torch.randn(30, 8, 5)
     out, states = model.rnn(x)
     ref_out, (h, c) = ref(x)
@@ -31,8 +38,10 @@ def test_plain_lstm_matches_torch_lstm(layers):
     torch.testing.assert_close(states[-1][1], c[-1], atol=1e-5, rtol=1e-5)
 
 
-def test_plain_gru_matches_torch_gru():
+@pytest.mark.parametrize("fused", [False, True])
+def test_plain_gru_matches_torch_gru(fused):
     model = build_model("classifier", num_classes=2, hidden_size=16, input_size=5, cell="gru")
+    use_fused(model, fused)
     layer, ref = model.rnn.layers[0], torch.nn.GRU(5, 16)
     h = 16
     with torch.no_grad():
@@ -43,6 +52,43 @@ def test_plain_gru_matches_torch_gru():
         layer.bias_hn.copy_(ref.bias_hh_l0[2 * h :])
     x = torch.randn(30, 8, 5)
     torch.testing.assert_close(model.rnn(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
+
+
+FUSED_NORMS = sorted(n for n in NORMS if NORMS[n](hidden_size=2, gates=4).weight_only)
+
+
+def test_the_fused_path_serves_the_weight_only_norms():
+    assert FUSED_NORMS == ["none", "wn"]
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("quant", sorted(QUANTIZERS))
+@pytest.mark.parametrize("norm", FUSED_NORMS)
+def test_fused_path_equals_reference_path(norm, quant, cell):
+    """torch.lstm/torch.gru on the effective weights against the step loop, fp32: outputs,
+    final state and every gradient to 1e-5."""
+
+    def run(fused):
+        torch.manual_seed(0)
+        layer = CELLS[cell](5, 12, norm=norm, quant=quant, max_steps=9)
+        layer.use_fused = fused
+        x = torch.randn(9, 4, 5, requires_grad=True)
+        h0 = tuple(torch.randn(4, 12) for _ in layer.initial_state(x))
+        y, state = layer(x, h0)
+        (y.pow(2).sum() + sum(s.sum() for s in state)).backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        return y, state, x.grad, grads
+
+    y0, s0, gx0, g0 = run(False)
+    y1, s1, gx1, g1 = run(True)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(y1, y0, **tol)
+    for a, b in zip(s1, s0, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(gx1, gx0, **tol)
+    assert g1.keys() == g0.keys() and "weight_hh" in g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))

@@ -265,7 +265,7 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
 
     deferred = run()
     monkeypatch.setattr(
-        ActivationNorm, "_step", staticmethod(lambda term, a, t: term(a.unsqueeze(0), t)[0])
+        ActivationNorm, "_step", staticmethod(lambda term, a, t, m: term(a.unsqueeze(0), t)[0])
     )
     immediate = run()
     for key, value in deferred.items():

@@ -126,6 +126,7 @@ def bench_variant(cell, norm, quant, args, device, dtype, roof):
         "cell": cell,
         "norm": norm,
         "quant": quant,
+        "path": "fused" if layer.use_fused else "loop",
         "hidden": h,
         "batch": b,
         "steps": t,
@@ -188,7 +189,8 @@ def run(args) -> tuple[dict, list[dict]]:
                     {**row, **{k: env[k] for k in ("threads", "allocator", "device", "dtype")}}
                 )
                 print(
-                    f"{cell:4s} {norm:9s} {quant:5s} train {row['train_ratio']:.2f}x "
+                    f"{cell:4s} {norm:9s} {quant:5s} {row['path']:5s} "
+                    f"train {row['train_ratio']:.2f}x "
                     f"infer {row['infer_ratio']:.2f}x of fused, {row['train_ms']:.1f} ms/step, "
                     f"{row['roof_fraction']:.0%} of roof, saved {row['peak_mem_mb']:.1f} MB",
                     flush=True,

@@ -4,6 +4,15 @@ Weights use ``torch.nn.LSTM``/``GRU``'s layout and gate order (LSTM: i, f, g, o;
 so that a plain layer can be compared with, and loaded from, the fused modules. Per sequence
 the weights are quantized (per gate block) and transformed by the norm once; the input
 projection of all steps (and its normalization) is computed before the time loop.
+
+Two paths compute the same function:
+
+* the reference path, a Python loop over time steps calling the norm's hooks;
+* the fused path, for norms that only transform the weights (``none``, ``wn``): the effective
+  weights go into ``torch.lstm``/``torch.gru``, the kernels behind ``nn.LSTM``/``nn.GRU``
+  (oneDNN on CPU, cuDNN on GPU), with autograd through the quantizer and the weight norm.
+  It is used whenever it applies (``use_fused``), except while hidden states are being
+  recorded for diagnostics, which need each h_t as a node of the graph.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ class RecurrentLayer(nn.Module):
         self.norm = NORMS[norm](
             hidden_size=hidden_size, gates=self.gates, max_steps=max_steps, **(norm_opts or {})
         )
+        self.use_fused = self.norm.weight_only
         self.reset_parameters(init_scale, hh_init, forget_bias)
 
     @torch.no_grad()
@@ -91,14 +101,21 @@ class RecurrentLayer(nn.Module):
         w_ih, w_hh = self.quantized_weights()
         return self.norm.weight_ih(w_ih), self.norm.weight_hh(w_hh)
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, mask=None):
+        """``mask`` (T, B): 1 at real steps, 0 at padding (variable-length sequences); batch
+        norms take their statistics over the real steps only. The recurrence itself runs on."""
         w_ih, w_hh = self.effective_weights()
-        xp = self.norm.input_term(F.linear(x, w_ih), 0) + self.bias
+        if self.use_fused and self.recorded is None:
+            if state is None:
+                state = self.initial_state(x)
+            return self.fused(x, state, w_ih, w_hh)
+        xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
         if state is None:
             state = self.initial_state(x)
         outputs = []
-        for t, xt in enumerate(xp.unbind(0)):
-            state = self.step(xt, state, w_hh, t)
+        masks = [None] * x.shape[0] if mask is None else mask.unbind(0)
+        for t, (xt, mt) in enumerate(zip(xp.unbind(0), masks, strict=True)):
+            state = self.step(xt, state, w_hh, t, mt)
             outputs.append(state[0])
             if self.recorded is not None:  # diagnostics.recording
                 self.recorded.append(state[0])
@@ -122,11 +139,19 @@ class LSTMLayer(RecurrentLayer):
         zeros = x.new_zeros(x.shape[1], self.hidden_size)
         return zeros, zeros
 
-    def step(self, xt, state, w_hh, t):
+    def fused(self, x, state, w_ih, w_hh):
         h, c = state
-        i, f, g, o = (xt + self.norm.hidden_term(h @ w_hh.t(), t)).chunk(4, 1)
+        params = [w_ih, w_hh, self.bias, torch.zeros_like(self.bias)]
+        y, h, c = torch.lstm(
+            x, (h.unsqueeze(0), c.unsqueeze(0)), params, True, 1, 0.0, self.training, False, False
+        )
+        return y, (h[0], c[0])
+
+    def step(self, xt, state, w_hh, t, mask=None):
+        h, c = state
+        i, f, g, o = (xt + self.norm.hidden_term(h @ w_hh.t(), t, mask)).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * self.norm.candidate(g)
-        h = torch.sigmoid(o) * self.norm.cell_output(c, t)
+        h = torch.sigmoid(o) * self.norm.cell_output(c, t, mask)
         return h, c
 
 
@@ -144,10 +169,17 @@ class GRULayer(RecurrentLayer):
         super().__init__(*args, **kw)
         self.bias_hn = nn.Parameter(torch.zeros(self.hidden_size))
 
-    def step(self, xt, state, w_hh, t):
+    def fused(self, x, state, w_ih, w_hh):
+        (h,) = state
+        b_hh = torch.cat([self.bias_hn.new_zeros(2 * self.hidden_size), self.bias_hn])
+        params = [w_ih, w_hh, self.bias, b_hh]
+        y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self.training, False, False)
+        return y, (h[0],)
+
+    def step(self, xt, state, w_hh, t, mask=None):
         (h,) = state
         xr, xz, xn = xt.chunk(3, 1)
-        hr, hz, hn = self.norm.hidden_term(h @ w_hh.t(), t).chunk(3, 1)
+        hr, hz, hn = self.norm.hidden_term(h @ w_hh.t(), t, mask).chunk(3, 1)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = self.norm.candidate(xn + r * (hn + self.bias_hn))
@@ -168,12 +200,12 @@ class StackedRNN(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, states=None):
+    def forward(self, x, states=None, mask=None):
         states = states or [None] * len(self.layers)
         new_states = []
         for i, (layer, state) in enumerate(zip(self.layers, states, strict=True)):
             if i:
                 x = self.dropout(x)
-            x, state = layer(x, state)
+            x, state = layer(x, state, mask)
             new_states.append(state)
         return x, new_states

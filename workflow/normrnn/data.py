@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -295,3 +296,28 @@ def classification_batches(x, y, batch_size: int, generator: torch.Generator | N
         for idx in order.split(batch_size)
         if len(idx) > 1  # batch statistics need at least two examples
     ]
+
+
+IGNORE = -100  # target of a padded position (F.cross_entropy's ignore_index)
+
+
+def variable_length_batches(chunks, generator: torch.Generator, min_fraction=0.25, pad_id=0):
+    """Language-model chunks cut to variable-length sequences: example b of a chunk keeps its
+    first L_b ~ U{ceil(min_fraction T), T} steps. Returns (inputs, targets, mask) of the
+    batch's longest length; padded inputs are ``pad_id``, padded targets :data:`IGNORE`, and
+    ``mask`` is 1 at real positions."""
+    out = []
+    for x, y in chunks:
+        steps, batch = x.shape
+        low = max(1, math.ceil(min_fraction * steps))
+        lengths = torch.randint(low, steps + 1, (batch,), generator=generator)
+        longest = int(lengths.max())
+        mask = torch.arange(longest).unsqueeze(1) < lengths.unsqueeze(0)
+        out.append(
+            (
+                x[:longest].masked_fill(~mask, pad_id),
+                y[:longest].masked_fill(~mask, IGNORE),
+                mask,
+            )
+        )
+    return out

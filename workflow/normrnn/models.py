@@ -16,7 +16,8 @@ MODELS = Registry("model kind")
 class LanguageModel(nn.Module):
     """Embedding → recurrent stack → softmax over the vocabulary.
 
-    Input (T, B) token ids; output ``(logits, states)`` with logits (T, B, vocab).
+    Input (T, B) token ids (and an optional (T, B) ``mask`` of real positions for
+    variable-length batches); output ``(logits, states)`` with logits (T, B, vocab).
     """
 
     def __init__(self, vocab_size, hidden_size, emb_size=None, num_layers=1, dropout=0.0, **rnn_kw):
@@ -27,8 +28,8 @@ class LanguageModel(nn.Module):
         self.rnn = StackedRNN(emb_size, hidden_size, num_layers, dropout=dropout, **rnn_kw)
         self.head = nn.Linear(hidden_size, vocab_size)
 
-    def forward(self, tokens: torch.Tensor, states=None):
-        h, states = self.rnn(self.drop(self.embed(tokens)), states)
+    def forward(self, tokens: torch.Tensor, states=None, mask=None):
+        h, states = self.rnn(self.drop(self.embed(tokens)), states, mask)
         return self.head(self.drop(h)), states
 
 

@@ -4,10 +4,14 @@ A norm is a :class:`CellNorm`: a module whose hooks the cell calls at fixed plac
 
 * ``weight_ih(w)``, ``weight_hh(w)``: transform the (already quantized) weights, once per
   sequence (weight norm, normalization propagation).
-* ``input_term(a, t0)``: normalize ``W_x x`` for all steps at once, ``a`` is (T, B, gates*H).
-* ``hidden_term(a, t)``: normalize ``W_h h_{t-1}`` at step ``t``, ``a`` is (B, gates*H).
+* ``input_term(a, t0, mask)``: normalize ``W_x x`` for all steps at once, ``a`` is
+  (T, B, gates*H).
+* ``hidden_term(a, t, mask)``: normalize ``W_h h_{t-1}`` at step ``t``, ``a`` is (B, gates*H).
 * ``candidate(g)``: the cell-input nonlinearity (tanh).
-* ``cell_output(c, t)``: ``tanh`` of (optionally normalized) ``c_t`` for ``h_t``.
+* ``cell_output(c, t, mask)``: ``tanh`` of (optionally normalized) ``c_t`` for ``h_t``.
+
+``mask`` (None, or (T, B) / (B,) with 1 at real and 0 at padded positions) marks the steps of
+variable-length sequences: batch statistics are taken over the real positions only.
 
 Activation normalizations (BN, LN, RMS, ...) are one *term* module each (below), wrapped by
 :class:`ActivationNorm` which puts one instance on the input term, one on the hidden term and,
@@ -45,20 +49,27 @@ class CellNorm(nn.Module):
     def weight_hh(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
-    def input_term(self, a: torch.Tensor, t0: int = 0) -> torch.Tensor:
+    def input_term(self, a: torch.Tensor, t0: int = 0, mask=None) -> torch.Tensor:
         return a
 
-    def hidden_term(self, a: torch.Tensor, t: int) -> torch.Tensor:
+    def hidden_term(self, a: torch.Tensor, t: int, mask=None) -> torch.Tensor:
         return a
 
     def candidate(self, g: torch.Tensor) -> torch.Tensor:
         return torch.tanh(g)
 
-    def cell_output(self, c: torch.Tensor, t: int) -> torch.Tensor:
+    def cell_output(self, c: torch.Tensor, t: int, mask=None) -> torch.Tensor:
         return torch.tanh(c)
 
     def end_sequence(self) -> None:
         """Called by the layer after its time loop (batch norms write their statistics)."""
+
+    @property
+    def weight_only(self) -> bool:
+        """True if the norm only transforms the weights (its activation hooks are the plain
+        cell's), so that the layer may run the fused LSTM/GRU kernel."""
+        hooks = ("input_term", "hidden_term", "candidate", "cell_output", "end_sequence")
+        return all(getattr(type(self), h) is getattr(CellNorm, h) for h in hooks)
 
 
 NORMS.register("none", CellNorm)
@@ -70,7 +81,8 @@ class TermNorm(nn.Module):
 
     Gains ``weight`` (init ``gamma_init``) and, if ``bias``, shifts (init 0) per feature.
     ``groups`` splits the features into equal blocks (the gates) normalized separately by the
-    layer-wise norms; batch norms are per feature and ignore it.
+    layer-wise norms; batch norms are per feature and ignore it. ``forward(a, t0, mask)``:
+    only the batch norms read ``mask`` (their statistics skip padded positions).
     """
 
     def __init__(self, features, groups=1, max_steps=1, gamma_init=1.0, bias=False):
@@ -98,7 +110,7 @@ class _GroupNorm(TermNorm):
         super().__init__(*args, **kw)
         self.eps = eps
 
-    def forward(self, a, t0=0):
+    def forward(self, a, t0=0, mask=None):
         g = self.grouped(a)
         return self.affine(type(self).normalize(g, g.shape[-1:], eps=self.eps).reshape(a.shape))
 
@@ -125,7 +137,7 @@ class PartialRMSNorm(TermNorm):
         self.eps = eps
         self.k = max(1, int(self.features // self.groups * p))
 
-    def forward(self, a, t0=0):
+    def forward(self, a, t0=0, mask=None):
         g = self.grouped(a)
         rms = g[..., : self.k].pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
         return self.affine((g / rms).reshape(a.shape))
@@ -143,6 +155,10 @@ class BatchNormTerm(TermNorm):
     in training (at most ``max_steps``). With ``shared=True`` one set of statistics serves
     every step: batch statistics over all steps of the block, one population average.
     Subclasses change the scale estimator (:meth:`statistic` and :meth:`denominator`).
+
+    With a ``mask`` (variable-length sequences), the statistics of step ``t`` are taken over
+    the sequences that are still running at ``t``; padded positions are normalized with them
+    but do not enter them.
     """
 
     def __init__(self, *args, eps=1e-5, momentum=0.05, shared=False, **kw):
@@ -155,23 +171,25 @@ class BatchNormTerm(TermNorm):
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros(slots))
 
-    def statistic(self, centered: torch.Tensor) -> torch.Tensor:
-        """Per-feature statistic over dim 1 (the batch) that the population average keeps."""
-        return centered.pow(2).mean(1, keepdim=True)
+    def statistic(self, centered: torch.Tensor, w=None) -> torch.Tensor:
+        """Per-feature statistic over dim 1 (the batch) that the population average keeps;
+        ``w`` (T, B, 1) weighs the examples (the mask), None = all."""
+        return batch_mean(centered.pow(2), w)
 
     def denominator(self, stat: torch.Tensor) -> torch.Tensor:
         return (stat + self.eps).sqrt()
 
-    def forward(self, a, t0=0, defer=False):
+    def forward(self, a, t0=0, mask=None, defer=False):
         """``defer``: keep this step's statistics until :meth:`flush` (the layer's time loop
         writes them all at once after the loop)."""
         x = a.reshape(1, -1, a.shape[-1]) if self.shared else a
         if self.training:
-            if type(self).statistic is BatchNormTerm.statistic:  # L2: torch's fused kernel
-                y, mean, stat = self._fused(x)
+            if mask is None and type(self).statistic is BatchNormTerm.statistic:
+                y, mean, stat = self._fused(x)  # L2 without a mask: torch's fused kernel
             else:
-                mean = x.mean(1, keepdim=True)
-                stat = self.statistic(x - mean)
+                w = None if mask is None else mask.reshape(x.shape[:2]).unsqueeze(-1).to(x.dtype)
+                mean = batch_mean(x, w)
+                stat = self.statistic(x - mean, w)
                 y = None
             record = (mean[:, 0].detach(), stat[:, 0].detach(), t0)
             self._pending.append(record) if defer else self._update(*record)
@@ -239,6 +257,14 @@ class BatchNormTerm(TermNorm):
         self.steps_seen.zero_()
 
 
+def batch_mean(v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over dim 1 (the batch) of a (T, B, F) tensor, weighted by ``w`` (T, B, 1) if
+    given; a step with no weight gives 0."""
+    if w is None:
+        return v.mean(1, keepdim=True)
+    return (v * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+
+
 @torch.no_grad()
 def estimate_population_statistics(model: nn.Module, batches, forward) -> int:
     """Cooijmans et al.'s population statistics: the exact mean of the batch statistics over
@@ -267,18 +293,22 @@ def estimate_population_statistics(model: nn.Module, batches, forward) -> int:
 class L1BatchNorm(BatchNormTerm):
     """L1 batch norm (Hoffer et al. 2018): σ ≈ sqrt(π/2) mean|x - μ|."""
 
-    def statistic(self, centered):
-        return math.sqrt(math.pi / 2) * centered.abs().mean(1, keepdim=True)
+    def statistic(self, centered, w=None):
+        return math.sqrt(math.pi / 2) * batch_mean(centered.abs(), w)
 
     def denominator(self, stat):
         return stat + self.eps
 
 
-def linf_constant(n: int) -> float:
-    """C(n) = 0.5 (1 + sqrt(π ln 4)) / sqrt(2 ln n) (Hoffer et al. 2018)."""
+def linf_constant(n):
+    """C(n) = 0.5 (1 + sqrt(π ln 4)) / sqrt(2 ln n) (Hoffer et al. 2018); ``n`` an int or a
+    tensor of counts (masked statistics: fewer than 2 counts as 2)."""
+    c = 0.5 * (1 + math.sqrt(math.pi * math.log(4)))
+    if isinstance(n, torch.Tensor):
+        return c / torch.sqrt(2 * torch.log(n.clamp_min(2)))
     if n < 2:
         raise ValueError(f"L-inf batch norm needs at least 2 elements per unit, got {n}")
-    return 0.5 * (1 + math.sqrt(math.pi * math.log(4))) / math.sqrt(2 * math.log(n))
+    return c / math.sqrt(2 * math.log(n))
 
 
 class LinfBatchNorm(L1BatchNorm):
@@ -288,10 +318,11 @@ class LinfBatchNorm(L1BatchNorm):
         super().__init__(*args, **kw)
         self.k = k
 
-    def statistic(self, centered):
+    def statistic(self, centered, w=None):
         n = centered.shape[1]
-        top = centered.abs().topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
-        return linf_constant(n) * top
+        size = centered.abs() if w is None else centered.abs() * w  # padded: 0, never on top
+        top = size.topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
+        return (linf_constant(n) if w is None else linf_constant(w.sum(1, keepdim=True))) * top
 
 
 # --------------------------------------------------------------------------- cell norms
@@ -317,20 +348,21 @@ class ActivationNorm(CellNorm):
         self.h = make(size, groups=gates)
         self.c = make(hidden_size, groups=1, bias=True) if norm_cell else None
 
-    def input_term(self, a, t0=0):
-        return self.x(a, t0)
+    def input_term(self, a, t0=0, mask=None):
+        return self.x(a, t0, mask)
 
-    def hidden_term(self, a, t):
-        return self._step(self.h, a, t)
+    def hidden_term(self, a, t, mask=None):
+        return self._step(self.h, a, t, mask)
 
-    def cell_output(self, c, t):
-        return torch.tanh(c if self.c is None else self._step(self.c, c, t))
+    def cell_output(self, c, t, mask=None):
+        return torch.tanh(c if self.c is None else self._step(self.c, c, t, mask))
 
     @staticmethod
-    def _step(term, a, t):
+    def _step(term, a, t, mask):
+        mask = None if mask is None else mask.unsqueeze(0)
         if isinstance(term, BatchNormTerm):
-            return term(a.unsqueeze(0), t, defer=True)[0]
-        return term(a.unsqueeze(0), t)[0]
+            return term(a.unsqueeze(0), t, mask, defer=True)[0]
+        return term(a.unsqueeze(0), t, mask)[0]
 
     def end_sequence(self):
         for term in (self.h, self.c):
@@ -401,7 +433,7 @@ class NormProp(CellNorm):
     def candidate(self, g):
         return torch.tanh(g) / self.std_g
 
-    def cell_output(self, c, t):
+    def cell_output(self, c, t, mask=None):
         return torch.tanh(self.gamma_c * c) / self.std_c
 
 

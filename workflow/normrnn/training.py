@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import classification_batches, lm_batches, load_meta, load_split
+from .data import (
+    IGNORE,
+    classification_batches,
+    lm_batches,
+    load_meta,
+    load_split,
+    variable_length_batches,
+)
 from .models import build_model
 from .norms import estimate_population_statistics
 from .optim import make_optimizer, update_preconditioners
@@ -95,15 +102,38 @@ class LanguageModelTask:
     def max_steps(self):
         return self.params["seq_len"]
 
-    def batches(self, split, epoch=0, seed=0):
-        return lm_batches(self.splits[split], self.params["batch_size"], self.params["seq_len"])
+    @property
+    def variable_length(self) -> bool:
+        return self.params.get("train_lengths", "fixed") != "fixed"
+
+    def batches(self, split, epoch=0, seed=0, seq_len=None):
+        """(inputs, targets) chunks; with ``train_lengths: variable[_unmasked]`` the training
+        chunks are variable-length sequences (inputs, targets, mask), see
+        :func:`~normrnn.data.variable_length_batches`."""
+        chunks = lm_batches(
+            self.splits[split], self.params["batch_size"], seq_len or self.params["seq_len"]
+        )
+        if split != "train" or not self.variable_length:
+            return chunks
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return variable_length_batches(chunks, g)
 
     def loss(self, model, batch, state, device):
-        x, y = batch
-        logits, state = model(x.to(device), state)
-        state = _detach(state) if self.params.get("carry_state", True) else None
-        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
-        return loss, state, 0, y.numel()
+        """Mean cross-entropy over the real (unpadded) targets. Variable-length sequences
+        start from a zero state; ``variable_unmasked`` hides the mask from the batch norms
+        (their statistics then include the padding: the ablation of masked statistics)."""
+        x, y, *mask = batch
+        if mask:
+            state = None
+            mask = mask[0].to(device) if self.params["train_lengths"] == "variable" else None
+        else:
+            mask = None
+        logits, state = model(x.to(device), state, mask)
+        carry = self.params.get("carry_state", True) and not self.variable_length
+        state = _detach(state) if carry else None
+        y = y.to(device).flatten()
+        loss = F.cross_entropy(logits.flatten(0, 1), y, ignore_index=IGNORE)
+        return loss, state, 0, int((y != IGNORE).sum())
 
     def score(self, total_loss, correct, count):
         nll = total_loss / count
