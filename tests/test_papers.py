@@ -33,7 +33,7 @@ def paper_small(server, sums) -> dict:
             task["emb_size"] = 8
         if "seq_len" in task:
             task["seq_len"] = 20
-    cfg["studies"] = [s for s in cfg["studies"] if s["name"] != "bn_gamma"]
+    cfg["studies"] = [s for s in cfg["studies"] if s.get("paper")]  # the papers' studies
     for study in cfg["studies"]:
         study.update(norms=study["norms"][:2], quants=study["quants"][:2], seeds=[1])
         study.pop("task_overrides", None)
@@ -49,8 +49,14 @@ def test_default_config_lists_the_full_matrix(tmp_path):
     seconds = time.perf_counter() - start
     # cooijmans 4×2×1×3 + hou 4×5×8×3 + rmsnorm_hoffer 4×6×1×3 + bn_gamma 1×1×1×3×5
     # + laurent 1×4×1×3
-    n = 24 + 480 + 72 + 15 + 12
+    papers = 24 + 480 + 72 + 15 + 12
+    # bn_statistics 3×3 + robustness 6×(4×3)×2 + optimizer 6×2×(2×2)×2
+    # + architecture 5×3×(2×3)×2 + seq_length 3×3×2
+    questions = 9 + 144 + 96 + 180 + 18
+    n = papers + questions
     assert rules.count("train") == n and rules.count("evaluate") == n
+    assert rules.count("figure") == 6  # bn_statistics 1, grid 4, lengths 1
+    assert rules.count("tables") == len(DEFAULT["studies"]) == 10
     assert rules.count("download") == 7 and rules.count("prepare") == 6
     assert seconds < 60, f"dry run took {seconds:.1f} s"
 

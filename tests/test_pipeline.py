@@ -9,8 +9,8 @@ import pytest
 from pipeline_helpers import load_tiny, planned_jobs, snakemake, workflow_copy, write_config
 
 pytestmark = pytest.mark.pipeline
-N_ALPHA, N_BETA, N_GAMMA = 2 * 2 * 2, 2, 1  # tasks × norms × quants × seeds
-N_RUNS = N_ALPHA + N_BETA + N_GAMMA
+N_ALPHA, N_BETA, N_GAMMA, N_DELTA = 2 * 2 * 2, 2, 1, 2 * 2  # tasks × norms × quants × seeds
+N_RUNS = N_ALPHA + N_BETA + N_GAMMA + N_DELTA
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,14 @@ def test_dag_has_one_train_and_evaluate_job_per_run(tmp_path):
     rules = [r for r, _ in planned_jobs(wf)]
     assert rules.count("train") == N_RUNS and rules.count("evaluate") == N_RUNS
     assert rules.count("fetch") == 2 and rules.count("prepare") == 2
-    assert rules.count("tables") == 3 and rules.count("plots") == 3 and rules.count("summary") == 1
+    assert rules.count("tables") == 4 and rules.count("plots") == 4 and rules.count("summary") == 1
+    assert rules.count("figure") == 3  # study delta's grid, lengths and bn_statistics
 
 
 def test_summary_has_one_row_per_run_with_finite_metrics(done):
     df = pd.read_csv(done / "results" / "summary.csv")
     assert len(df) == N_RUNS
-    assert set(df["study"]) == {"alpha", "beta", "gamma"}
+    assert set(df["study"]) == {"alpha", "beta", "gamma", "delta"}
     assert set(zip(df.norm, df.quant, strict=True)) >= {("none", "fp"), ("bn", "bc"), ("ln", "fp")}
     df = df[df.study != "gamma"]
     assert df["test_metric"].map(math.isfinite).all()
@@ -58,6 +59,26 @@ def test_gradient_flow_is_recorded_at_init_and_after_training(done):
     assert r["lambda1_hh_fp"] > 0 and "grad_norms_init" not in pd.read_csv(
         done / "results/summary.csv"
     )
+
+
+def test_sequence_length_and_batch_norm_statistics_are_recorded(done):
+    import json
+
+    runs = done / "results/runs/delta/chars"
+    for norm in ("bn", "ln"):
+        for lengths in ("fixed", "variable"):
+            r = json.loads((runs / f"{norm}.fp.train_lengths-{lengths}.s1/eval.json").read_text())
+            assert [m["length"] for m in r["length_metrics"]] == [10, 40]
+            assert all(0 < m["test_metric"] < 10 for m in r["length_metrics"])
+    stats = json.loads((runs / "bn.fp.train_lengths-variable.s1/eval.json").read_text())
+    stats = pd.DataFrame(stats["bn_statistics"])
+    assert set(stats["term"]) == {"x", "h", "c"}
+    assert sorted(stats[stats.term == "h"]["t"]) == list(range(1, 21))  # seq_len 20
+    assert (stats[["batch", "population"]] > 0).all().all()
+    ln = json.loads((runs / "ln.fp.train_lengths-fixed.s1/eval.json").read_text())
+    assert ln["bn_statistics"] == []
+    runs_csv = pd.read_csv(done / "results/studies/delta/runs.csv")
+    assert sorted(runs_csv["train_lengths"]) == ["fixed", "fixed", "variable", "variable"]
 
 
 def test_diverged_run_is_a_result_not_a_crash(done):
@@ -84,6 +105,9 @@ def test_tables_and_report_show_every_variant(done):
         "metric.png",
         "cost.png",
         "gradflow.png",
+        "grid.png",
+        "lengths.png",
+        "bn_statistics.png",
         "table.html",
         "summary.csv",
     ):
@@ -131,6 +155,21 @@ BAD = [
     ),
     ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
     ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
+    (
+        "grid figure without a grid",
+        lambda c: c["studies"][1].update(figures=["grid"]),
+        "studies[1].figures",
+    ),
+    (
+        "lengths figure without eval_seq_lens",
+        lambda c: c["studies"][0].update(figures=["lengths"]),
+        "studies[0].figures",
+    ),
+    (
+        "variable lengths on a classifier",
+        lambda c: c["tasks"]["digits"].update(train_lengths="variable"),
+        "train_lengths",
+    ),
 ]
 
 

@@ -23,6 +23,8 @@ from .quantizers import QUANTIZERS
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 DATASET_KEYS = {"dataset"}
 REQUIRED_HPARAMS = ("model", "hidden_size", "batch_size", "epochs", "lr")
+# A study's optional figures (its ``figures`` key), each made by the rule ``figure``.
+FIGURES = ("grid", "bn_statistics", "lengths")
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,7 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
     runs = expand(config)
     if not runs:
         raise ConfigError("'studies' expands to zero runs")
+    _check_figures(config, runs)
     for run in runs.values():
         missing = [k for k in REQUIRED_HPARAMS if k not in run.hparams]
         if missing:
@@ -77,6 +80,13 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
             raise ConfigError(
                 f"tasks.{run.task}: 'seq_len' is a required property of a language model"
             )
+        if run.hparams["model"] == "classifier":
+            for key in ("train_lengths", "eval_seq_lens"):
+                if run.hparams.get(key, "fixed") != "fixed":
+                    raise ConfigError(
+                        f"{key} (task {run.task!r}, study {run.study!r}): only language models "
+                        "have variable sequence lengths; classification sequences are fixed"
+                    )
     return config
 
 
@@ -155,6 +165,34 @@ def _check_names(config: dict) -> None:
         for key, values in (study.get("grid") or {}).items():
             for j, v in enumerate(values):
                 _check_hparams(f"{where}.grid.{key}[{j}]", {key: v})
+
+
+def uses_batch_norm(norm: str) -> bool:
+    """Whether the norm keeps batch statistics (a term subclassing BatchNormTerm)."""
+    from .norms import BatchNormTerm
+
+    term = getattr(NORMS[norm], "args", (None,))[0]
+    return isinstance(term, type) and issubclass(term, BatchNormTerm)
+
+
+def _check_figures(config: dict, runs: dict) -> None:
+    for i, study in enumerate(config["studies"]):
+        where = f"studies[{i}].figures"
+        for figure in study.get("figures", []):
+            if figure == "grid" and not study.get("grid"):
+                raise ConfigError(f"{where}: 'grid' needs the study to have a 'grid'")
+            if figure == "bn_statistics" and not any(map(uses_batch_norm, study["norms"])):
+                raise ConfigError(
+                    f"{where}: 'bn_statistics' needs a batch norm among the study's norms "
+                    f"({', '.join(n for n in NORMS if uses_batch_norm(n))})"
+                )
+            if figure == "lengths":
+                mine = [r for r in runs.values() if r.study == study["name"]]
+                if not all(r.hparams.get("eval_seq_lens") for r in mine):
+                    raise ConfigError(
+                        f"{where}: 'lengths' needs 'eval_seq_lens' in every run of the study "
+                        "(set it in the study's overrides)"
+                    )
 
 
 def run_id(norm: str, quant: str, seed: int, grid: dict) -> str:

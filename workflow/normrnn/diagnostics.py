@@ -3,6 +3,9 @@
 * :func:`gradient_norms` — ‖∂L/∂h_t‖ for every step t (Cooijmans et al.'s figure 1).
 * :func:`spectral_norms` — λ1 (largest singular value) of W_h before and after quantization and
   normalization, per gate block, and the weight-norm gains (Hou et al.'s analysis, review R1).
+* :func:`batch_norm_statistics` — per time step, the scale a batch norm divides by (its
+  population statistic) beside the scale of the batch actually arriving at that step: the
+  mismatch that statistics shared over time cannot follow.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import torch
 
 from .cells import RecurrentLayer
+from .norms import BatchNormTerm, batch_mean
 
 
 def largest_singular_value(w: torch.Tensor) -> float:
@@ -65,3 +69,50 @@ def spectral_norms(layer: RecurrentLayer) -> dict:
     if h is not None and hasattr(h, "weight"):
         out["gamma_h_mean"] = float(h.weight.abs().mean())
     return out
+
+
+@torch.no_grad()
+def batch_norm_statistics(layer: RecurrentLayer, forward) -> list[dict]:
+    """For each batch norm of ``layer`` (input term ``x``, hidden term ``h``, cell ``c``) and
+    each step t of the eval-mode pass ``forward()``: the mean over features of the scale the
+    norm divides by at t (``population``, from its population statistic) and of the scale of
+    the batch at t measured with the same estimator (``batch``); likewise the means
+    (``population_mean``, ``batch_mean``). An empty list if the layer has no batch norm."""
+    terms = {
+        name: m
+        for name in ("x", "h", "c")
+        if isinstance(m := getattr(layer.norm, name, None), BatchNormTerm)
+    }
+    rows, hooks = [], []
+
+    def hook(name, term):
+        def record(module, args, output):
+            a, t0 = args[0], (args[1] if len(args) > 1 else 0)
+            mean = batch_mean(a)
+            batch = term.denominator(term.statistic(a - mean))
+            slots = term._slots(t0, a.shape[0], a.device).expand(a.shape[0])
+            pop = term.denominator(term.running_stat[slots, None])
+            pmean = term.running_mean[slots, None]
+            for i in range(a.shape[0]):
+                rows.append(
+                    {
+                        "term": name,
+                        "t": t0 + i + 1,
+                        "batch": float(batch[i].mean()),
+                        "population": float(pop[i].mean()),
+                        "batch_mean": float(mean[i].mean()),
+                        "population_mean": float(pmean[i].mean()),
+                    }
+                )
+
+        return record
+
+    try:
+        for name, term in terms.items():
+            hooks.append(term.register_forward_hook(hook(name, term)))
+        if terms:
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(rows, key=lambda r: (r["term"], r["t"]))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .diagnostics import hidden_gradient_norms, spectral_norms
+from .diagnostics import batch_norm_statistics, hidden_gradient_norms, spectral_norms
 from .models import build_model, model_bits, recurrent_layers
-from .training import evaluate, load_model, make_task, resolve_device
+from .training import autocast, evaluate, load_model, make_task, resolve_device
 
 
 @torch.no_grad()
@@ -61,6 +61,13 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
             test_metric=metric,
             infer_seconds_per_step=inference_seconds_per_step(model, task, device),
         )
+        if params.get("eval_seq_lens"):
+            result["length_metrics"] = length_metrics(model, task, device, params)
+        model.eval()
+        test_batch = task.batches("test")[0]
+        result["bn_statistics"] = batch_norm_statistics(
+            layer, lambda: task.loss(model, test_batch, None, device)
+        )
     if info["status"] != "diverged":
         result["grad_norms_trained"] = gradient_flow(model, task, device)
         torch.manual_seed(params["seed"])  # the initialisation this run started from
@@ -69,6 +76,25 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
         )
     Path(out_path).write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+@torch.no_grad()
+def length_metrics(model, task, device, params) -> list[dict]:
+    """The test metric on sequences of each length in ``eval_seq_lens``, each sequence started
+    from a zero state: per-step batch norm reuses the statistics of its last trained step
+    beyond T_max (Cooijmans et al.), the layer-wise norms need none."""
+    model.eval()
+    out = []
+    for length in params["eval_seq_lens"]:
+        total, count = 0.0, 0
+        for batch in task.batches("test", seq_len=length):
+            with autocast(device, params.get("precision", "fp32")):
+                loss, _, _, n = task.loss(model, batch, None, device)
+            total += loss.item() * n
+            count += n
+        nll, metric = task.score(total, 0, count)
+        out.append({"length": length, "test_loss": nll, "test_metric": metric})
+    return out
 
 
 def gradient_flow(model, task, device) -> list[float]:

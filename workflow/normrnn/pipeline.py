@@ -176,3 +176,23 @@ def bench_job(smk):
         df = pd.DataFrame(rows).assign(sgemm_gflops=env["sgemm_gflops"])
         df.to_csv(smk.output.csv, index=False)
         plots.bench_ratios(df, smk.output.plot, env)
+
+
+def figure_job(smk):
+    """One of a study's optional figures (the study's ``figures`` key): ``grid``,
+    ``bn_statistics`` or ``lengths``."""
+    import pandas as pd
+
+    from . import plots, tables
+
+    with logged(smk):
+        figure, out, grid = smk.wildcards.figure, smk.output[0], list(smk.params.grid)
+        if figure == "grid":
+            plots.grid_metric(pd.read_csv(smk.input.runs), grid, out)
+        elif figure == "bn_statistics":
+            plots.batch_norm_statistics(tables.batch_norm_statistics(smk.input.evals), out)
+        else:
+            style = "train_lengths" if "train_lengths" in grid else "quant"
+            data = tables.length_metrics(smk.input.evals, extra=grid)
+            plots.length_metrics(data, out, dict(smk.params.trained_len), style)
+        print(f"wrote {out}")

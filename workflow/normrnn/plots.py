@@ -15,11 +15,11 @@ def _save(grid, path):
     matplotlib.pyplot.close(grid.figure)
 
 
-def _placeholder(path, what: str) -> None:
+def _placeholder(path, what: str, why: str = "every run of this study diverged") -> None:
     """A figure that says why there is nothing to plot (every run diverged, say)."""
     fig, ax = matplotlib.pyplot.subplots(figsize=(5, 1.5))
     ax.axis("off")
-    ax.text(0.5, 0.5, f"no {what}: every run of this study diverged", ha="center", va="center")
+    ax.text(0.5, 0.5, f"no {what}: {why}", ha="center", va="center")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     matplotlib.pyplot.close(fig)
 
@@ -156,4 +156,118 @@ def gradient_flow(flow: pd.DataFrame, path) -> None:
     )
     g.set(yscale="log")
     g.set_axis_labels("time step t", "‖∂L/∂h_t‖")
+    _save(g, path)
+
+
+def _ordered(values) -> list:
+    """Distinct values in numeric order when they are numbers, else in order of appearance."""
+    distinct = list(dict.fromkeys(values))
+    try:
+        return sorted(distinct, key=float)
+    except (TypeError, ValueError):
+        return distinct
+
+
+def grid_metric(runs: pd.DataFrame, axes: list[str], path) -> None:
+    """Test metric against the study's grid axes: x = the first axis, panels = the second (if
+    any) × task, colour = norm (+ quantizer). Each panel's title counts its diverged runs."""
+    if not axes:
+        return _placeholder(path, "grid axes", "the study has no grid")
+    runs = runs.assign(
+        variant=runs["norm"]
+        if runs["quant"].nunique() == 1
+        else runs["norm"] + "+" + runs["quant"],
+        **{a: runs[a].astype(str) for a in axes},
+    )
+    ok = runs[runs["status"] != "diverged"]
+    if ok.empty:
+        return _placeholder(path, "test metric")
+    x, col = axes[0], (axes[1] if len(axes) > 1 else None)
+    g = sns.catplot(
+        data=ok,
+        x=x,
+        y="test_metric",
+        hue="variant",
+        col=col,
+        row="task",
+        order=_ordered(runs[x]),
+        col_order=_ordered(runs[col]) if col else None,
+        kind="point",
+        errorbar="sd",
+        dodge=0.3,
+        sharey="row",
+        height=3.0,
+        aspect=1.2,
+    )
+    for key, ax in g.axes_dict.items():
+        task, value = key if col else (key, None)
+        sel = runs[runs["task"] == task]
+        if col:
+            sel = sel[sel[col] == value]
+        bad = int((sel["status"] == "diverged").sum())
+        ax.set_title(ax.get_title() + (f"\n{bad} of {len(sel)} runs diverged" if bad else ""))
+    g.set_axis_labels(x, "test metric")
+    _save(g, path)
+
+
+def batch_norm_statistics(stats: pd.DataFrame, path) -> None:
+    """The scale each batch norm divides by at step t (population) beside the scale of the
+    test batch at t (batch), mean over features; rows = term (x: W_x x, h: W_h h, c: c_t).
+    Statistics shared over time draw a flat population line through a batch curve that is
+    not flat: the mismatch is what they normalize with."""
+    if stats.empty:
+        return _placeholder(path, "batch-norm statistics", "no run of this study uses batch norm")
+    long = stats.melt(
+        id_vars=["task", "norm", "term", "t"],
+        value_vars=["batch", "population"],
+        var_name="statistic",
+        value_name="scale",
+    )
+    g = sns.relplot(
+        data=long[long["scale"] > 0],
+        x="t",
+        y="scale",
+        hue="norm",
+        style="statistic",
+        row="term",
+        col="task",
+        kind="line",
+        errorbar=None,
+        facet_kws={"sharey": False, "sharex": False},
+        height=2.6,
+        aspect=1.6,
+    )
+    g.set(yscale="log")
+    g.set_axis_labels("time step t", "scale (mean over units)")
+    _save(g, path)
+
+
+def length_metrics(lengths: pd.DataFrame, path, trained_len: dict, style="quant") -> None:
+    """Test metric against the test sequence length; a dotted line at each task's training
+    length T_max. Colour = norm, dashes = ``style`` (a grid axis such as train_lengths, or
+    the quantizer)."""
+    if lengths.empty:
+        return _placeholder(path, "length metrics", "no run evaluated other lengths")
+    g = sns.relplot(
+        data=lengths,
+        x="length",
+        y="test_metric",
+        hue="norm",
+        style=style,
+        col="task",
+        kind="line",
+        marker="o",
+        errorbar="sd",
+        facet_kws={"sharey": False},
+        height=3.0,
+        aspect=1.4,
+    )
+    g.set(xscale="log")
+    ticks = sorted(lengths["length"].unique())
+    for task, ax in g.axes_dict.items():
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        if task in trained_len:
+            ax.axvline(trained_len[task], color="grey", ls=":", lw=1)
+    g.set_axis_labels("test sequence length", "test metric")
     _save(g, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-LISTS = ("grad_norms_init", "grad_norms_trained")
+LISTS = ("grad_norms_init", "grad_norms_trained", "bn_statistics", "length_metrics")
 
 
 def collect(paths) -> pd.DataFrame:
@@ -87,6 +87,30 @@ def gradient_flow(paths) -> pd.DataFrame:
             for t, g in enumerate(r.get(f"grad_norms_{when}") or []):
                 rows.append({**ident, "when": when, "t": t + 1, "grad_norm": g})
     return pd.DataFrame(rows, columns=["task", "norm", "quant", "seed", "when", "t", "grad_norm"])
+
+
+IDENT = ("task", "norm", "quant", "seed")
+
+
+def _per_step(paths, key, extra=()) -> pd.DataFrame:
+    """Long table of the list of records under ``key`` in each eval.json, with the run's
+    identifying columns and its grid axes (``extra``) prepended."""
+    rows = []
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        ident = {k: r.get(k) for k in IDENT} | {k: (r.get("grid") or {}).get(k) for k in extra}
+        rows += [{**ident, **rec} for rec in r.get(key) or []]
+    return pd.DataFrame(rows)
+
+
+def batch_norm_statistics(paths) -> pd.DataFrame:
+    """Per run, batch norm term and step t: the population and the batch scale (and means)."""
+    return _per_step(paths, "bn_statistics")
+
+
+def length_metrics(paths, extra=()) -> pd.DataFrame:
+    """Per run and test sequence length: test loss and metric (``eval_seq_lens``)."""
+    return _per_step(paths, "length_metrics", extra)
 
 
 def grid_columns(df: pd.DataFrame) -> list[str]:

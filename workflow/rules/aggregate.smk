@@ -75,6 +75,29 @@ rule plots:
         "../scripts/plots.py"
 
 
+rule figure:
+    input:
+        runs=rules.tables.output.runs,
+        evals=lambda w: study_runs(w.study, "eval.json"),
+    output:
+        report(
+            f"{RESULTS}/studies/{{study}}/{{figure}}.png",
+            caption="../report/figure.rst",
+            category="{study}",
+            labels={"figure": "{figure}"},
+        ),
+    log:
+        "logs/figure/{study}/{figure}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=PLOTS_CODE,
+        grid=lambda w: list(STUDY[w.study].get("grid") or {}),
+        trained_len=lambda w: trained_lengths(w.study),
+    script:
+        "../scripts/figure.py"
+
+
 rule summary:
     input:
         expand(f"{RESULTS}/studies/{{study}}/runs.csv", study=STUDIES),

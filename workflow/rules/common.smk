@@ -25,6 +25,7 @@ wildcard_constraints:
     run="[^/]+",
     dataset="[^/]+",
     source="[^/]+",
+    figure="|".join(nc.FIGURES),
 
 
 def run_of(wildcards):
@@ -80,9 +81,19 @@ def study_runs(study, name):
     return [f"{RESULTS}/runs/{s}/{t}/{r}/{name}" for (s, t, r) in RUNS if s == study]
 
 
+def trained_lengths(study):
+    """The training sequence length of each language-model task of the study."""
+    return {
+        t: r.hparams["seq_len"]
+        for (s, t, _), r in RUNS.items()
+        if s == study and "seq_len" in r.hparams
+    }
+
+
 def all_targets():
     out = [f"{RESULTS}/summary.csv"]
     for s in STUDIES:
         out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
+        out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
     out += [f"{RESULTS}/bench/{name}.csv" for name in config.get("bench", {})]
     return out
