@@ -55,7 +55,7 @@ def test_default_config_lists_the_full_matrix(tmp_path):
     questions = 9 + 144 + 96 + 180 + 18
     n = papers + questions
     assert rules.count("train") == n and rules.count("evaluate") == n
-    assert rules.count("figure") == 6  # bn_statistics 1, grid 4, lengths 1
+    assert rules.count("figure") == 7  # bn_statistics 1, grid 4, lengths 1, spectral 1
     assert rules.count("tables") == len(DEFAULT["studies"]) == 10
     assert rules.count("download") == 7 and rules.count("prepare") == 6
     assert seconds < 60, f"dry run took {seconds:.1f} s"

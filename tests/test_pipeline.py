@@ -29,7 +29,7 @@ def test_dag_has_one_train_and_evaluate_job_per_run(tmp_path):
     assert rules.count("train") == N_RUNS and rules.count("evaluate") == N_RUNS
     assert rules.count("fetch") == 2 and rules.count("prepare") == 2
     assert rules.count("tables") == 4 and rules.count("plots") == 4 and rules.count("summary") == 1
-    assert rules.count("figure") == 3  # study delta's grid, lengths and bn_statistics
+    assert rules.count("figure") == 4  # study delta's grid, lengths, bn_statistics, spectral
 
 
 def test_summary_has_one_row_per_run_with_finite_metrics(done):
@@ -108,6 +108,7 @@ def test_tables_and_report_show_every_variant(done):
         "grid.png",
         "lengths.png",
         "bn_statistics.png",
+        "spectral.png",
         "table.html",
         "summary.csv",
     ):

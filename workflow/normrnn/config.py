@@ -24,7 +24,7 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 DATASET_KEYS = {"dataset"}
 REQUIRED_HPARAMS = ("model", "hidden_size", "batch_size", "epochs", "lr")
 # A study's optional figures (its ``figures`` key), each made by the rule ``figure``.
-FIGURES = ("grid", "bn_statistics", "lengths")
+FIGURES = ("grid", "bn_statistics", "lengths", "spectral")
 
 
 class ConfigError(ValueError):

@@ -180,7 +180,7 @@ def bench_job(smk):
 
 def figure_job(smk):
     """One of a study's optional figures (the study's ``figures`` key): ``grid``,
-    ``bn_statistics`` or ``lengths``."""
+    ``bn_statistics``, ``lengths`` or ``spectral``."""
     import pandas as pd
 
     from . import plots, tables
@@ -189,6 +189,8 @@ def figure_job(smk):
         figure, out, grid = smk.wildcards.figure, smk.output[0], list(smk.params.grid)
         if figure == "grid":
             plots.grid_metric(pd.read_csv(smk.input.runs), grid, out)
+        elif figure == "spectral":
+            plots.spectral_norms(pd.read_csv(smk.input.runs), out)
         elif figure == "bn_statistics":
             plots.batch_norm_statistics(tables.batch_norm_statistics(smk.input.evals), out)
         else:

@@ -271,3 +271,40 @@ def length_metrics(lengths: pd.DataFrame, path, trained_len: dict, style="quant"
             ax.axvline(trained_len[task], color="grey", ls=":", lw=1)
     g.set_axis_labels("test sequence length", "test metric")
     _save(g, path)
+
+
+def spectral_norms(runs: pd.DataFrame, path) -> None:
+    """λ1 of the trained recurrent matrix W_h per norm × quantizer: as quantized (left) and as
+    the cell uses it, after the weight transforms of wn/normprop (right); log scale. The dotted
+    line is sqrt(H), the smallest λ1 a ±1 matrix can have (BinaryConnect's bound); a
+    normalization that rescales the activations makes the cell indifferent to λ1."""
+    cols = {"lambda1_hh_quantized": "quantized", "lambda1_hh_effective": "effective"}
+    if not set(cols) <= set(runs.columns):
+        return _placeholder(path, "spectral norms", "no run was evaluated")
+    long = runs.melt(
+        id_vars=["task", "norm", "quant", "sqrt_hidden"],
+        value_vars=list(cols),
+        var_name="matrix",
+        value_name="lambda1",
+    ).replace({"matrix": cols})
+    g = sns.catplot(
+        data=long,
+        x="norm",
+        y="lambda1",
+        hue="quant",
+        col="matrix",
+        row="task",
+        kind="point",
+        errorbar="sd",
+        dodge=0.4 if long["quant"].nunique() > 1 else False,
+        linestyle="none",
+        sharey="row",
+        height=3.0,
+        aspect=1.5,
+    )
+    g.set(yscale="log")
+    for (task, _), ax in g.axes_dict.items():
+        ax.axhline(long.loc[long.task == task, "sqrt_hidden"].max(), color="grey", ls=":", lw=1)
+        ax.tick_params(axis="x", rotation=45)
+    g.set_axis_labels("norm", "λ1 of W_h")
+    _save(g, path)

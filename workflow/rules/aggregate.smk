@@ -129,10 +129,10 @@ rule bench:
         "logs/bench/{name}.log",
     conda:
         "../../envs/report.yaml"
-    threads: 1
+    threads: lambda w: config["bench"][w.name].get("threads", 1)
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda w: config["bench"][w.name].get("mem_mb", 4000),
+        runtime=lambda w: config["bench"][w.name].get("runtime_min", 60),
     params:
         spec=lambda w: config["bench"][w.name],
         code=BENCH_CODE,
