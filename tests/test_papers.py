@@ -34,6 +34,7 @@ def paper_small(server, sums) -> dict:
         if "seq_len" in task:
             task["seq_len"] = 20
     cfg["studies"] = [s for s in cfg["studies"] if s.get("paper")]  # the papers' studies
+    cfg.pop("bench")  # timing the papers' sizes is hours of CPU, not a test
     for study in cfg["studies"]:
         study.update(norms=study["norms"][:2], quants=study["quants"][:2], seeds=[1])
         study.pop("task_overrides", None)
@@ -57,6 +58,7 @@ def test_default_config_lists_the_full_matrix(tmp_path):
     assert rules.count("train") == n and rules.count("evaluate") == n
     assert rules.count("figure") == 7  # bn_statistics 1, grid 4, lengths 1, spectral 1
     assert rules.count("tables") == len(DEFAULT["studies"]) == 10
+    assert rules.count("bench") == 3  # h256, h1000, seqmnist
     assert rules.count("download") == 7 and rules.count("prepare") == 6
     assert seconds < 60, f"dry run took {seconds:.1f} s"
 
