@@ -157,6 +157,11 @@ BAD = [
     ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
     ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
     (
+        "unknown figure",
+        lambda c: c["studies"][0].update(figures=["heatmap"]),
+        "studies[0].figures[0]",
+    ),
+    (
         "grid figure without a grid",
         lambda c: c["studies"][1].update(figures=["grid"]),
         "studies[1].figures",

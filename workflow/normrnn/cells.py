@@ -105,13 +105,11 @@ class RecurrentLayer(nn.Module):
         """``mask`` (T, B): 1 at real steps, 0 at padding (variable-length sequences); batch
         norms take their statistics over the real steps only. The recurrence itself runs on."""
         w_ih, w_hh = self.effective_weights()
-        if self.use_fused and self.recorded is None:
-            if state is None:
-                state = self.initial_state(x)
-            return self.fused(x, state, w_ih, w_hh)
-        xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
         if state is None:
             state = self.initial_state(x)
+        if self.use_fused and self.recorded is None:
+            return self.fused(x, state, w_ih, w_hh)
+        xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
         outputs = []
         masks = [None] * x.shape[0] if mask is None else mask.unbind(0)
         for t, (xt, mt) in enumerate(zip(xp.unbind(0), masks, strict=True)):

@@ -16,7 +16,7 @@ from pathlib import Path
 from .cells import CELLS
 from .data import FORMATS, SOURCES, default_format
 from .models import MODELS
-from .norms import NORMS
+from .norms import NORMS, uses_batch_norm
 from .optim import OPTIMIZERS
 from .quantizers import QUANTIZERS
 
@@ -80,9 +80,13 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
             raise ConfigError(
                 f"tasks.{run.task}: 'seq_len' is a required property of a language model"
             )
-        if run.hparams["model"] == "classifier":
-            for key in ("train_lengths", "eval_seq_lens"):
-                if run.hparams.get(key, "fixed") != "fixed":
+        hp = run.hparams
+        if hp["model"] == "classifier":
+            for key, varies in (
+                ("train_lengths", hp.get("train_lengths", "fixed") != "fixed"),
+                ("eval_seq_lens", bool(hp.get("eval_seq_lens"))),
+            ):
+                if varies:
                     raise ConfigError(
                         f"{key} (task {run.task!r}, study {run.study!r}): only language models "
                         "have variable sequence lengths; classification sequences are fixed"
@@ -167,18 +171,11 @@ def _check_names(config: dict) -> None:
                 _check_hparams(f"{where}.grid.{key}[{j}]", {key: v})
 
 
-def uses_batch_norm(norm: str) -> bool:
-    """Whether the norm keeps batch statistics (a term subclassing BatchNormTerm)."""
-    from .norms import BatchNormTerm
-
-    term = getattr(NORMS[norm], "args", (None,))[0]
-    return isinstance(term, type) and issubclass(term, BatchNormTerm)
-
-
 def _check_figures(config: dict, runs: dict) -> None:
     for i, study in enumerate(config["studies"]):
         where = f"studies[{i}].figures"
-        for figure in study.get("figures", []):
+        for j, figure in enumerate(study.get("figures", [])):
+            _one_of(f"{where}[{j}]", figure, FIGURES)
             if figure == "grid" and not study.get("grid"):
                 raise ConfigError(f"{where}: 'grid' needs the study to have a 'grid'")
             if figure == "bn_statistics" and not any(map(uses_batch_norm, study["norms"])):

@@ -68,7 +68,6 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
         result["bn_statistics"] = batch_norm_statistics(
             layer, lambda: task.loss(model, test_batch, None, device)
         )
-    if info["status"] != "diverged":
         result["grad_norms_trained"] = gradient_flow(model, task, device)
         torch.manual_seed(params["seed"])  # the initialisation this run started from
         result["grad_norms_init"] = gradient_flow(

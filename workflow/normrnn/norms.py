@@ -441,6 +441,21 @@ def _activation(term, **defaults):
     return partial(ActivationNorm, term, **defaults)
 
 
+def activation_term(name: str) -> type | None:
+    """The term class of a registered activation norm (``GroupLayerNorm`` for ``ln``, ...),
+    or None for the norms that are not built by :func:`_activation` (none, wn, normprop)."""
+    impl = NORMS[name]
+    if isinstance(impl, partial) and impl.func is ActivationNorm:
+        return impl.args[0]
+    return None
+
+
+def uses_batch_norm(name: str) -> bool:
+    """Whether the norm keeps batch statistics (its term subclasses BatchNormTerm)."""
+    term = activation_term(name)
+    return term is not None and issubclass(term, BatchNormTerm)
+
+
 NORMS.register("bn", _activation(BatchNormTerm, gamma_init=0.1, norm_cell=True))
 NORMS.register("bn_shared", _activation(BatchNormTerm, gamma_init=0.1, norm_cell=True, shared=True))
 NORMS.register("ln", _activation(GroupLayerNorm))

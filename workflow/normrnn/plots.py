@@ -171,8 +171,6 @@ def _ordered(values) -> list:
 def grid_metric(runs: pd.DataFrame, axes: list[str], path) -> None:
     """Test metric against the study's grid axes: x = the first axis, panels = the second (if
     any) × task, colour = norm (+ quantizer). Each panel's title counts its diverged runs."""
-    if not axes:
-        return _placeholder(path, "grid axes", "the study has no grid")
     runs = runs.assign(
         variant=runs["norm"]
         if runs["quant"].nunique() == 1

@@ -77,30 +77,33 @@ def study_table(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def gradient_flow(paths) -> pd.DataFrame:
-    """Long table of ‖∂L/∂h_t‖: task, norm, quant, seed, when (init/trained), t, norm value."""
-    rows = []
+IDENT = ("task", "norm", "quant", "seed")
+
+
+def _runs(paths, extra=()):
+    """(identifying columns with the grid axes ``extra``, eval.json) of each run."""
     for p in paths:
         r = json.loads(Path(p).read_text())
-        ident = {k: r[k] for k in ("task", "norm", "quant", "seed")}
-        for when in ("init", "trained"):
-            for t, g in enumerate(r.get(f"grad_norms_{when}") or []):
-                rows.append({**ident, "when": when, "t": t + 1, "grad_norm": g})
-    return pd.DataFrame(rows, columns=["task", "norm", "quant", "seed", "when", "t", "grad_norm"])
+        yield {k: r.get(k) for k in IDENT} | {k: (r.get("grid") or {}).get(k) for k in extra}, r
 
 
-IDENT = ("task", "norm", "quant", "seed")
+def gradient_flow(paths) -> pd.DataFrame:
+    """Long table of ‖∂L/∂h_t‖: task, norm, quant, seed, when (init/trained), t, norm value."""
+    rows = [
+        {**ident, "when": when, "t": t + 1, "grad_norm": g}
+        for ident, r in _runs(paths)
+        for when in ("init", "trained")
+        for t, g in enumerate(r.get(f"grad_norms_{when}") or [])
+    ]
+    return pd.DataFrame(rows, columns=[*IDENT, "when", "t", "grad_norm"])
 
 
 def _per_step(paths, key, extra=()) -> pd.DataFrame:
     """Long table of the list of records under ``key`` in each eval.json, with the run's
     identifying columns and its grid axes (``extra``) prepended."""
-    rows = []
-    for p in paths:
-        r = json.loads(Path(p).read_text())
-        ident = {k: r.get(k) for k in IDENT} | {k: (r.get("grid") or {}).get(k) for k in extra}
-        rows += [{**ident, **rec} for rec in r.get(key) or []]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        [{**ident, **rec} for ident, r in _runs(paths, extra) for rec in r.get(key) or []]
+    )
 
 
 def batch_norm_statistics(paths) -> pd.DataFrame:

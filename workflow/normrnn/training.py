@@ -123,12 +123,10 @@ class LanguageModelTask:
         start from a zero state; ``variable_unmasked`` hides the mask from the batch norms
         (their statistics then include the padding: the ablation of masked statistics)."""
         x, y, *mask = batch
-        if mask:
+        if mask:  # a variable-length batch: its sequences start from a zero state
             state = None
-            mask = mask[0].to(device) if self.params["train_lengths"] == "variable" else None
-        else:
-            mask = None
-        logits, state = model(x.to(device), state, mask)
+        use_mask = mask and self.params["train_lengths"] == "variable"
+        logits, state = model(x.to(device), state, mask[0].to(device) if use_mask else None)
         carry = self.params.get("carry_state", True) and not self.variable_length
         state = _detach(state) if carry else None
         y = y.to(device).flatten()
@@ -155,14 +153,11 @@ def make_task(data_dir, params):
 def norm_options(params) -> dict:
     """The run's norm options: ``norm_opts[norm]``, with a ``gamma_init`` hyperparameter (a grid
     axis) applied to the norms that have a gain γ (the activation norms)."""
-    from functools import partial
-
-    from .norms import NORMS, ActivationNorm
+    from .norms import activation_term
 
     norm = params["norm"]
     opts = dict((params.get("norm_opts") or {}).get(norm, {}))
-    impl = NORMS[norm]
-    if "gamma_init" in params and isinstance(impl, partial) and impl.func is ActivationNorm:
+    if "gamma_init" in params and activation_term(norm) is not None:
         opts["gamma_init"] = params["gamma_init"]
     return opts
 
