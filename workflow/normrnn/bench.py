@@ -126,7 +126,7 @@ def bench_variant(cell, norm, quant, args, device, dtype, roof):
         "cell": cell,
         "norm": norm,
         "quant": quant,
-        "path": "fused" if layer.use_fused else "loop",
+        "path": layer.path,
         "hidden": h,
         "batch": b,
         "steps": t,

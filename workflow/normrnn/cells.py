@@ -5,14 +5,19 @@ so that a plain layer can be compared with, and loaded from, the fused modules. 
 the weights are quantized (per gate block) and transformed by the norm once; the input
 projection of all steps (and its normalization) is computed before the time loop.
 
-Two paths compute the same function:
+Three paths compute the same function; ``layer.path`` names the one a layer takes:
 
-* the reference path, a Python loop over time steps calling the norm's hooks;
-* the fused path, for norms that only transform the weights (``none``, ``wn``): the effective
+* ``loop``, the reference: a Python loop over time steps calling the norm's hooks;
+* ``fused``, for norms that only transform the weights (``none``, ``wn``): the effective
   weights go into ``torch.lstm``/``torch.gru``, the kernels behind ``nn.LSTM``/``nn.GRU``
-  (oneDNN on CPU, cuDNN on GPU), with autograd through the quantizer and the weight norm.
-  It is used whenever it applies (``use_fused``), except while hidden states are being
-  recorded for diagnostics, which need each h_t as a node of the graph.
+  (oneDNN on CPU, cuDNN on GPU), with autograd through the quantizer and the weight norm;
+* ``sequence``, the LSTM with a norm whose steps have a hand-written form
+  (``CellNorm.recurrence``: every norm here): the whole recurrence is one autograd node with
+  a hand-written backward (``sequence.py``).
+
+The loop serves what the others do not: the GRU's activation norms, masked batch statistics
+(a ``mask`` on the sequence path) and recording hidden states for diagnostics, which need each
+h_t as a node of the graph.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 from .norms import NORMS
 from .quantizers import QUANTIZERS, quantize_blocks
 from .registry import Registry
+from .sequence import lstm_sequence
 
 CELLS = Registry("cell")
 
@@ -68,7 +74,7 @@ class RecurrentLayer(nn.Module):
         self.norm = NORMS[norm](
             hidden_size=hidden_size, gates=self.gates, max_steps=max_steps, **(norm_opts or {})
         )
-        self.use_fused = self.norm.weight_only
+        self.path = "fused" if self.norm.weight_only else self._fast_path()
         self.reset_parameters(init_scale, hh_init, forget_bias)
 
     @torch.no_grad()
@@ -91,6 +97,10 @@ class RecurrentLayer(nn.Module):
     def _init_bias(self, forget_bias):
         pass
 
+    def _fast_path(self):
+        """The path for a norm that is not weight-only: ``loop`` unless a subclass has one."""
+        return "loop"
+
     def quantized_weights(self):
         w_ih = quantize_blocks(self.quant, self.weight_ih, self.gates, self.d_ih)
         w_hh = quantize_blocks(self.quant, self.weight_hh, self.gates, self.d_hh)
@@ -107,8 +117,14 @@ class RecurrentLayer(nn.Module):
         w_ih, w_hh = self.effective_weights()
         if state is None:
             state = self.initial_state(x)
-        if self.use_fused and self.recorded is None:
-            return self.fused(x, state, w_ih, w_hh)
+        if self.recorded is None:
+            if self.path == "fused":
+                return self.fused(x, state, w_ih, w_hh)
+            if self.path == "sequence" and mask is None:
+                xp = self.norm.input_term(F.linear(x, w_ih), 0) + self.bias
+                y, state = lstm_sequence(self.norm.recurrence(), xp, w_hh, *state)
+                self.norm.end_sequence()
+                return y, state
         xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
         outputs = []
         masks = [None] * x.shape[0] if mask is None else mask.unbind(0)
@@ -136,6 +152,9 @@ class LSTMLayer(RecurrentLayer):
     def initial_state(self, x):
         zeros = x.new_zeros(x.shape[1], self.hidden_size)
         return zeros, zeros
+
+    def _fast_path(self):
+        return "loop" if self.norm.recurrence() is None else "sequence"
 
     def fused(self, x, state, w_ih, w_hh):
         h, c = state

@@ -111,7 +111,8 @@ def batch_norm_statistics(layer: RecurrentLayer, forward) -> list[dict]:
         for name, term in terms.items():
             hooks.append(term.register_forward_hook(hook(name, term)))
         if terms:
-            forward()
+            with recording(layer):  # the loop path, which calls the terms as modules
+                forward()
     finally:
         for h in hooks:
             h.remove()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import Registry
+from .sequence import Recurrence
 
 NORMS = Registry("norm")
 
@@ -63,6 +64,11 @@ class CellNorm(nn.Module):
 
     def end_sequence(self) -> None:
         """Called by the layer after its time loop (batch norms write their statistics)."""
+
+    def recurrence(self) -> Recurrence | None:
+        """The per-step hooks in the form the hand-written LSTM recurrence (``sequence.py``)
+        runs, or None if it cannot (the layer then loops over the hooks)."""
+        return Recurrence() if self.weight_only else None
 
     @property
     def weight_only(self) -> bool:
@@ -100,6 +106,19 @@ class TermNorm(nn.Module):
     def grouped(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(*a.shape[:-1], self.groups, self.features // self.groups)
 
+    # The hand-written recurrence's interface (no autograd): one step, (B, features).
+    def step(self, a: torch.Tensor, t: int):
+        """The normalized ``a`` before the gains (x̂) and what :meth:`step_backward` needs."""
+        raise NotImplementedError
+
+    def step_backward(self, gx: torch.Tensor, saved) -> torch.Tensor:
+        """dL/da from ``gx`` = dL/dx̂ (the gains' factor already applied)."""
+        raise NotImplementedError
+
+    @property
+    def has_step(self) -> bool:
+        return type(self).step is not TermNorm.step
+
 
 class _GroupNorm(TermNorm):
     """Normalizes each gate block with the torch function ``normalize``, then the gains."""
@@ -120,11 +139,51 @@ class GroupLayerNorm(_GroupNorm):
 
     normalize = F.layer_norm
 
+    def step(self, a, t):
+        g = self.grouped(a)
+        xhat, mean, rstd = torch.native_layer_norm(g, g.shape[-1:], None, None, self.eps)
+        return xhat.view(a.shape), (g, mean, rstd)
+
+    def step_backward(self, gx, saved):
+        g, mean, rstd = saved
+        mask = [True, False, False]
+        da = torch.ops.aten.native_layer_norm_backward(
+            gx.view(g.shape), g, g.shape[-1:], mean, rstd, None, None, mask
+        )[0]
+        return da.view(gx.shape)
+
+
+def rms_step(g: torch.Tensor, k: int, eps: float):
+    """x̂ = g / sqrt(mean(g[..., :k]²) + eps) over the last dim, and its saved values."""
+    rstd = g[..., :k].pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    xhat = g * rstd
+    return xhat, (xhat, rstd, k)
+
+
+def rms_step_backward(gx: torch.Tensor, saved) -> torch.Tensor:
+    """The gradient of :func:`rms_step`: (gx - 1[j<k] x̂ Σ(gx x̂) / k) / rms."""
+    xhat, rstd, k = saved
+    gx = gx.view(xhat.shape)
+    dot = (gx * xhat).sum(-1, keepdim=True).div_(k)
+    if k == xhat.shape[-1]:
+        return (gx - xhat * dot) * rstd
+    da = gx.clone()
+    da[..., :k] -= xhat[..., :k] * dot
+    return da * rstd
+
 
 class GroupRMSNorm(_GroupNorm):
     """RMSNorm (Zhang & Sennrich 2019) per gate block: a / sqrt(mean(a²) + eps), via F.rms_norm."""
 
     normalize = F.rms_norm
+
+    def step(self, a, t):
+        g = self.grouped(a)
+        xhat, saved = rms_step(g, g.shape[-1], self.eps)
+        return xhat.view(a.shape), saved
+
+    def step_backward(self, gx, saved):
+        return rms_step_backward(gx, saved).view(gx.shape)
 
 
 class PartialRMSNorm(TermNorm):
@@ -141,6 +200,13 @@ class PartialRMSNorm(TermNorm):
         g = self.grouped(a)
         rms = g[..., : self.k].pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
         return self.affine((g / rms).reshape(a.shape))
+
+    def step(self, a, t):
+        xhat, saved = rms_step(self.grouped(a), self.k, self.eps)
+        return xhat.view(a.shape), saved
+
+    def step_backward(self, gx, saved):
+        return rms_step_backward(gx, saved).view(gx.shape)
 
 
 class BatchNormTerm(TermNorm):
@@ -201,6 +267,44 @@ class BatchNormTerm(TermNorm):
             mean, stat = self.running_mean[idx, None], self.running_stat[idx, None]
             centered = x - mean
         return self.affine((centered / self.denominator(stat)).reshape(a.shape))
+
+    def denominator_grad(self, centered: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        """d denominator / d centered for one unmasked step, ``centered`` (B, F)."""
+        return centered / (centered.shape[0] * den)
+
+    def step(self, a, t):
+        if not self.training:
+            idx = self._slots(t, 1, a.device)
+            den = self.denominator(self.running_stat[idx])
+            return (a - self.running_mean[idx]) / den, ("population", den)
+        if type(self).statistic is BatchNormTerm.statistic:  # L2: torch's kernel
+            xhat, mean, invstd = torch.native_batch_norm(
+                a, None, None, None, None, True, 0.0, self.eps
+            )
+            self._pending.append((mean[None], invstd.pow(-2)[None] - self.eps, t))
+            return xhat, ("l2", a, mean, invstd)
+        mean = a.mean(0, keepdim=True)
+        centered = a - mean
+        stat = self.statistic(centered[None])[0]
+        den = self.denominator(stat)
+        self._pending.append((mean, stat, t))
+        xhat = centered / den
+        return xhat, ("batch", centered, den, xhat)
+
+    def step_backward(self, gx, saved):
+        kind, *saved = saved
+        if kind == "population":
+            return gx / saved[0]
+        if kind == "l2":
+            a, mean, invstd = saved
+            mask = [True, False, False]
+            return torch.ops.aten.native_batch_norm_backward(
+                gx, a, None, None, None, mean, invstd, True, self.eps, mask
+            )[0]
+        centered, den, xhat = saved
+        dot = (gx * xhat).sum(0, keepdim=True)
+        du = (gx - dot * self.denominator_grad(centered, den)) / den
+        return du - du.mean(0, keepdim=True)
 
     def _slots(self, t0, steps, device):
         if self.shared:
@@ -299,6 +403,9 @@ class L1BatchNorm(BatchNormTerm):
     def denominator(self, stat):
         return stat + self.eps
 
+    def denominator_grad(self, centered, den):
+        return math.sqrt(math.pi / 2) / centered.shape[0] * centered.sign()
+
 
 def linf_constant(n):
     """C(n) = 0.5 (1 + sqrt(π ln 4)) / sqrt(2 ln n) (Hoffer et al. 2018); ``n`` an int or a
@@ -323,6 +430,12 @@ class LinfBatchNorm(L1BatchNorm):
         size = centered.abs() if w is None else centered.abs() * w  # padded: 0, never on top
         top = size.topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
         return (linf_constant(n) if w is None else linf_constant(w.sum(1, keepdim=True))) * top
+
+    def denominator_grad(self, centered, den):
+        n = centered.shape[0]
+        k = min(self.k, n)
+        top = torch.zeros_like(centered).scatter_(0, centered.abs().topk(k, dim=0).indices, 1.0)
+        return linf_constant(n) / k * centered.sign() * top
 
 
 # --------------------------------------------------------------------------- cell norms
@@ -368,6 +481,11 @@ class ActivationNorm(CellNorm):
         for term in (self.h, self.c):
             if isinstance(term, BatchNormTerm):
                 term.flush()
+
+    def recurrence(self):
+        if all(term is None or term.has_step for term in (self.h, self.c)):
+            return Recurrence(hidden=self.h, cell=self.c)
+        return None
 
 
 class WeightNorm(CellNorm):
@@ -435,6 +553,11 @@ class NormProp(CellNorm):
 
     def cell_output(self, c, t, mask=None):
         return torch.tanh(self.gamma_c * c) / self.std_c
+
+    def recurrence(self):
+        return Recurrence(
+            candidate_scale=1 / self.std_g, cell_scale=self.gamma_c, output_scale=1 / self.std_c
+        )
 
 
 def _activation(term, **defaults):

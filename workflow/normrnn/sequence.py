@@ -1,0 +1,245 @@
+"""The LSTM recurrence over a whole sequence with a hand-written backward.
+
+The step loop of :class:`~normrnn.cells.RecurrentLayer` builds a dozen autograd nodes per time
+step, and at small sizes their overhead, not arithmetic, sets the speed. Here one
+``torch.autograd.Function`` runs the whole recurrence (everything after the input projection,
+which stays in autograd, vectorized over all steps):
+
+* forward, step by step without autograd, keeping what the backward needs;
+* backward, step by step in reverse, with only the work that depends on the next step's
+  gradient in the loop. The activation derivatives are computed for all steps at once before
+  it, and the parameter gradients after it: ``dW_h`` as one matmul over all steps.
+
+The per-step normalizations come from a :class:`Recurrence`: the norm's hidden term and
+``c_t`` term (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
+fixed scales of normalization propagation. Tests hold this path to the step loop (outputs,
+gradients, population statistics) and its backward to finite differences (``gradcheck``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Recurrence:
+    """What the LSTM step does besides the plain cell: ``hidden`` normalizes ``W_h h_{t-1}``
+    and ``cell`` normalizes ``c_t`` (term modules, None = identity); the cell input is
+    ``candidate_scale · tanh(g)`` and the output ``h_t = σ(o) · output_scale ·
+    tanh(cell_scale · c_t)`` (normalization propagation's fixed rescaling)."""
+
+    hidden: nn.Module | None = None
+    cell: nn.Module | None = None
+    candidate_scale: float = 1.0
+    cell_scale: float = 1.0
+    output_scale: float = 1.0
+
+
+def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0):
+    """Runs the LSTM over ``xp`` (T, B, 4H), the input term with its bias, from ``(h0, c0)``.
+    Returns the outputs (T, B, H) and the final ``(h, c)``."""
+
+    def params(term):
+        if term is None:
+            return None, None
+        return term.weight, term.bias
+
+    y, h, c = _LSTMSequence.apply(rec, xp, w_hh, h0, c0, *params(rec.hidden), *params(rec.cell))
+    return y, (h, c)
+
+
+def _affine(xhat, weight, bias):
+    return xhat * weight if bias is None else torch.addcmul(bias, xhat, weight)
+
+
+class Workspace:
+    """Named buffers of one call, created on first use; ``owner`` is the call using them."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.buffers, self.owner = like, {}, None
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = self.like.new_empty(shape)
+        return buf
+
+
+class WorkspacePool:
+    """Workspaces kept between calls, the most recent ``keep`` shapes.
+
+    A sequence's intermediate buffers are tens of MB. Allocated afresh each call, they come
+    from new pages of memory that the kernel must map and zero on first touch, a cost larger
+    than the arithmetic at small hidden sizes on CPU. A forward pass takes a workspace and its
+    backward gives it back (or the forward itself, when no gradient is needed), so two graphs
+    alive at the same time never share one, and a graph dropped without a backward just lets
+    its workspace be freed. A second backward of the same graph (``retain_graph``) takes its
+    workspace back if no other forward has taken it since. Outputs and gradients are never
+    workspace buffers.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep, self.free = keep, {}
+
+    def take(self, key, like: torch.Tensor, owner) -> Workspace:
+        spare = self.free.pop(key, None)
+        ws = spare if spare is not None else Workspace(like)
+        ws.owner = owner
+        return ws
+
+    def give(self, key, ws: Workspace) -> None:
+        ws.owner = None
+        self.free.pop(key, None)
+        self.free[key] = ws
+        while len(self.free) > self.keep:
+            self.free.pop(next(iter(self.free)))
+
+    def reclaim(self, key, ws: Workspace, owner) -> bool:
+        """Takes ``ws`` back for ``owner`` if it lies unused in the pool."""
+        if ws.owner is None and self.free.get(key) is ws:
+            del self.free[key]
+            ws.owner = owner
+            return True
+        return ws.owner is owner
+
+
+POOL = WorkspacePool()
+
+
+def _tanh_into(x: torch.Tensor) -> torch.Tensor:
+    """In place on a sigmoid's output of 2x: tanh(x) = 2 σ(2x) - 1. The gate blocks are strided
+    views, on which torch's tanh kernel runs several times slower than its sigmoid."""
+    return x.mul_(2).sub_(1)
+
+
+class _LSTMSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rec, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
+        steps, batch, gates = xp.shape
+        size = gates // 4
+        key = (steps, batch, size, xp.dtype, xp.device)
+        owner = object()
+        ws = POOL.take(key, xp, owner)
+        act = ws("act", steps, batch, gates)  # σ(i), σ(f), tanh(g) (unscaled), σ(o)
+        cs = ws("cs", steps + 1, batch, size)
+        tcs = ws("tcs", steps, batch, size)  # tanh of the (scaled or normalized) cell
+        pre = ws("pre", batch, gates)  # this step's gate pre-activations
+        hs = xp.new_empty(steps + 1, batch, size)  # an output: never a workspace buffer
+        hs[0], cs[0] = h0, c0
+        hidden, cell = rec.hidden, rec.cell
+        saved_h, saved_c, xhat_h, xhat_c = [], [], [], []
+        pre_g = pre[:, 2 * size : 3 * size]
+        i, f, g, o = (v.unbind(0) for v in act.chunk(4, 2))
+        xs, acts, tc, h_out, c_out = (v.unbind(0) for v in (xp, act, tcs, hs[1:], cs[1:]))
+        wt = w_hh.t()
+        h, c = hs[0], cs[0]
+        for t in range(steps):
+            a = torch.mm(h, wt)
+            if hidden is None:
+                torch.add(xs[t], a, out=pre)
+            else:
+                xh, s = hidden.step(a, t)
+                saved_h.append(s)
+                xhat_h.append(xh)
+                torch.addcmul(xs[t], xh, w_h, out=pre)
+                if b_h is not None:
+                    pre.add_(b_h)
+            pre_g.mul_(2)
+            torch.sigmoid(pre, out=acts[t])
+            cand = _tanh_into(g[t])
+            if rec.candidate_scale != 1.0:
+                cand = cand * rec.candidate_scale
+            c = torch.addcmul(f[t] * c, i[t], cand, out=c_out[t])
+            if cell is not None:
+                xc, s = cell.step(c, t)
+                saved_c.append(s)
+                xhat_c.append(xc)
+                torch.tanh(_affine(xc, w_c, b_c), out=tc[t])
+            else:
+                torch.tanh(c if rec.cell_scale == 1.0 else c * rec.cell_scale, out=tc[t])
+            h = torch.mul(o[t], tc[t], out=h_out[t])
+            if rec.output_scale != 1.0:
+                h.mul_(rec.output_scale)
+        if any(ctx.needs_input_grad):
+            ctx.rec, ctx.key, ctx.ws, ctx.owner = rec, key, ws, owner
+            ctx.terms = (saved_h, saved_c, xhat_h, xhat_c)
+            ctx.save_for_backward(w_hh, w_h, w_c, hs)
+        else:
+            POOL.give(key, ws)
+        return hs[1:], h.clone(), c.clone()
+
+    @staticmethod
+    def backward(ctx, d_y, d_hT, d_cT):
+        ws = ctx.ws
+        if not POOL.reclaim(ctx.key, ws, ctx.owner):
+            raise RuntimeError(
+                "a second backward through the LSTM sequence path after another forward of "
+                "the same shape: its buffers were reused; run it on layer.path = 'loop'"
+            )
+        rec = ctx.rec
+        w_hh, w_h, w_c, hs = ctx.saved_tensors
+        act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
+        saved_h, saved_c, xhat_h, xhat_c = ctx.terms
+        steps, batch, gates = act.shape
+        size = gates // 4
+        i, f, g, o = act.chunk(4, 2)
+        # What does not depend on the recurrence, for all steps at once, in place (σ' = σ - σ²).
+        # k: d h_t / d(tanh input) = σ(o) · s_out · (1 - tc²) (· s_c without a cell norm)
+        k = ws("k", steps, batch, size)
+        torch.mul(tcs, tcs, out=k).sub_(1).mul_(o).mul_(-rec.output_scale)
+        if rec.cell is None and rec.cell_scale != 1.0:
+            k.mul_(rec.cell_scale)
+        # p: d pre / d c_t for i, f, g and d pre / d h_t for o
+        p = ws("p", steps, batch, gates)
+        p_i, p_f, p_g, p_o = p.chunk(4, 2)
+        torch.addcmul(i, i, i, value=-1, out=p_i).mul_(g).mul_(rec.candidate_scale)
+        torch.addcmul(f, f, f, value=-1, out=p_f).mul_(cs[:-1])
+        torch.mul(g, g, out=p_g).sub_(1).mul_(i).mul_(-rec.candidate_scale)
+        torch.addcmul(o, o, o, value=-1, out=p_o).mul_(tcs).mul_(rec.output_scale)
+
+        d_pre = torch.empty_like(act)  # a gradient: never a workspace buffer
+        blocks = (steps, batch, 4, size)
+        dp_ifg, dp_o = d_pre.view(blocks)[:, :, :3].unbind(0), d_pre.view(blocks)[:, :, 3].unbind(0)
+        p_ifg, p_o = p.view(blocks)[:, :, :3].unbind(0), p.view(blocks)[:, :, 3].unbind(0)
+        d_pres, d_ys, ks, fs = d_pre.unbind(0), d_y.unbind(0), k.unbind(0), f.unbind(0)
+        d_cn = ws("d_cn", steps, batch, size) if rec.cell is not None else None
+        d_cns = d_cn.unbind(0) if d_cn is not None else None
+        hidden, cell = rec.hidden, rec.cell
+        d_a = []
+        dc, da = d_cT, None
+        for t in range(steps - 1, -1, -1):
+            dh = d_ys[t] + d_hT if da is None else torch.addmm(d_ys[t], da, w_hh)
+            if cell is None:
+                dc = torch.addcmul(dc, dh, ks[t])
+            else:
+                dcn = torch.mul(dh, ks[t], out=d_cns[t])
+                dc = dc + cell.step_backward(dcn * w_c, saved_c[t])
+            torch.mul(dc.unsqueeze(1), p_ifg[t], out=dp_ifg[t])
+            torch.mul(dh, p_o[t], out=dp_o[t])
+            if hidden is None:
+                da = d_pres[t]
+            else:
+                da = hidden.step_backward(d_pres[t] * w_h, saved_h[t])
+                d_a.append(da)
+            dc = dc * fs[t]
+        d_h0 = torch.mm(da, w_hh)
+        if hidden is None:
+            d_a = d_pre
+        else:
+            d_a.reverse()
+            d_a = torch.stack(d_a, out=ws("d_a", steps, batch, gates))
+        d_w = torch.mm(d_a.view(-1, gates).t(), hs[:-1].reshape(-1, size))
+        grads = [None, d_pre, d_w, d_h0, dc]
+        # the gains' and shifts' gradients; p and k, no longer needed, hold the products
+        for term, xhat, dy, out in ((hidden, xhat_h, d_pre, p), (cell, xhat_c, d_cn, k)):
+            if term is None:
+                grads += [None, None]
+                continue
+            prod = torch.stack(xhat, out=out).mul_(dy)
+            grads.append(prod.sum((0, 1)))
+            grads.append(dy.sum((0, 1)) if term.bias is not None else None)
+        POOL.give(ctx.key, ws)
+        return tuple(grads)
