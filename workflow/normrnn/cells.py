@@ -11,13 +11,12 @@ Three paths compute the same function; ``layer.path`` names the one a layer take
 * ``fused``, for norms that only transform the weights (``none``, ``wn``): the effective
   weights go into ``torch.lstm``/``torch.gru``, the kernels behind ``nn.LSTM``/``nn.GRU``
   (oneDNN on CPU, cuDNN on GPU), with autograd through the quantizer and the weight norm;
-* ``sequence``, the LSTM with a norm whose steps have a hand-written form
-  (``CellNorm.recurrence``: every norm here): the whole recurrence is one autograd node with
-  a hand-written backward (``sequence.py``).
+* ``sequence``, for a norm whose steps have a hand-written form (``CellNorm.recurrence``: every
+  norm here): the whole recurrence is one autograd node with a hand-written backward
+  (``sequence.py``).
 
-The loop serves what the others do not: the GRU's activation norms, masked batch statistics
-(a ``mask`` on the sequence path) and recording hidden states for diagnostics, which need each
-h_t as a node of the graph.
+The loop serves what the others do not: masked batch statistics (a ``mask`` on the sequence
+path) and recording hidden states for diagnostics, which need each h_t as a node of the graph.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from torch import nn
 from .norms import NORMS
 from .quantizers import QUANTIZERS, quantize_blocks
 from .registry import Registry
-from .sequence import lstm_sequence
+from .sequence import gru_sequence, lstm_sequence
 
 CELLS = Registry("cell")
 
@@ -74,7 +73,10 @@ class RecurrentLayer(nn.Module):
         self.norm = NORMS[norm](
             hidden_size=hidden_size, gates=self.gates, max_steps=max_steps, **(norm_opts or {})
         )
-        self.path = "fused" if self.norm.weight_only else self._fast_path()
+        if self.norm.weight_only:
+            self.path = "fused"
+        else:
+            self.path = "loop" if self.norm.recurrence() is None else "sequence"
         self.reset_parameters(init_scale, hh_init, forget_bias)
 
     @torch.no_grad()
@@ -97,10 +99,6 @@ class RecurrentLayer(nn.Module):
     def _init_bias(self, forget_bias):
         pass
 
-    def _fast_path(self):
-        """The path for a norm that is not weight-only: ``loop`` unless a subclass has one."""
-        return "loop"
-
     def quantized_weights(self):
         w_ih = quantize_blocks(self.quant, self.weight_ih, self.gates, self.d_ih)
         w_hh = quantize_blocks(self.quant, self.weight_hh, self.gates, self.d_hh)
@@ -122,7 +120,7 @@ class RecurrentLayer(nn.Module):
                 return self.fused(x, state, w_ih, w_hh)
             if self.path == "sequence" and mask is None:
                 xp = self.norm.input_term(F.linear(x, w_ih), 0) + self.bias
-                y, state = lstm_sequence(self.norm.recurrence(), xp, w_hh, *state)
+                y, state = self.sequence(self.norm.recurrence(), xp, w_hh, state)
                 self.norm.end_sequence()
                 return y, state
         xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
@@ -153,9 +151,6 @@ class LSTMLayer(RecurrentLayer):
         zeros = x.new_zeros(x.shape[1], self.hidden_size)
         return zeros, zeros
 
-    def _fast_path(self):
-        return "loop" if self.norm.recurrence() is None else "sequence"
-
     def fused(self, x, state, w_ih, w_hh):
         h, c = state
         params = [w_ih, w_hh, self.bias, torch.zeros_like(self.bias)]
@@ -163,6 +158,9 @@ class LSTMLayer(RecurrentLayer):
             x, (h.unsqueeze(0), c.unsqueeze(0)), params, True, 1, 0.0, self.training, False, False
         )
         return y, (h[0], c[0])
+
+    def sequence(self, rec, xp, w_hh, state):
+        return lstm_sequence(rec, xp, w_hh, *state)
 
     def step(self, xt, state, w_hh, t, mask=None):
         h, c = state
@@ -192,6 +190,9 @@ class GRULayer(RecurrentLayer):
         params = [w_ih, w_hh, self.bias, b_hh]
         y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self.training, False, False)
         return y, (h[0],)
+
+    def sequence(self, rec, xp, w_hh, state):
+        return gru_sequence(rec, xp, w_hh, self.bias_hn, *state)
 
     def step(self, xt, state, w_hh, t, mask=None):
         (h,) = state

@@ -243,3 +243,123 @@ class _LSTMSequence(torch.autograd.Function):
             grads.append(dy.sum((0, 1)) if term.bias is not None else None)
         POOL.give(ctx.key, ws)
         return tuple(grads)
+
+
+def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0):
+    """Runs the GRU (``cells.GRULayer``'s form) over ``xp`` (T, B, 3H), the input term with
+    its biases, from ``h0``; ``b_hn`` is the recurrent bias inside the reset gate. The
+    recurrence's ``cell`` and cell scales do not apply to the GRU. Returns the outputs and
+    the final ``(h,)``."""
+    w_h = None if rec.hidden is None else rec.hidden.weight
+    b_h = None if rec.hidden is None else rec.hidden.bias
+    y, h = _GRUSequence.apply(rec, xp, w_hh, b_hn, h0, w_h, b_h)
+    return y, (h,)
+
+
+class _GRUSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rec, xp, w_hh, b_hn, h0, w_h, b_h):
+        steps, batch, gates = xp.shape
+        size = gates // 3
+        key = ("gru", steps, batch, size, xp.dtype, xp.device)
+        owner = object()
+        ws = POOL.take(key, xp, owner)
+        act = ws("act", steps, batch, gates)  # σ(r), σ(z), tanh(u) (unscaled)
+        hnb = ws("hnb", steps, batch, size)  # the recurrent n term with its bias
+        pre = ws("pre", batch, 2 * size)
+        hs = xp.new_empty(steps + 1, batch, size)  # an output: never a workspace buffer
+        hs[0] = h0
+        hidden = rec.hidden
+        saved_h, xhat_h = [], []
+        r, z, n = (v.unbind(0) for v in act.chunk(3, 2))
+        xs, acts, hnbs, h_out = (v.unbind(0) for v in (xp, act, hnb, hs[1:]))
+        wt = w_hh.t()
+        h = hs[0]
+        for t in range(steps):
+            a = torch.mm(h, wt)
+            if hidden is not None:
+                xh, s = hidden.step(a, t)
+                saved_h.append(s)
+                xhat_h.append(xh)
+                a = _affine(xh, w_h, b_h)
+            x_rz, x_n = xs[t].split([2 * size, size], 1)
+            a_rz, a_n = a.split([2 * size, size], 1)
+            torch.add(x_rz, a_rz, out=pre)
+            torch.sigmoid(pre, out=acts[t][:, : 2 * size])
+            u = torch.addcmul(x_n, r[t], torch.add(a_n, b_hn, out=hnbs[t]), out=n[t])
+            nt = torch.tanh(u, out=n[t])
+            if rec.candidate_scale != 1.0:
+                nt = nt * rec.candidate_scale
+            # h' = n + z (h - n)
+            h = torch.addcmul(nt, z[t], h - nt, out=h_out[t])
+        if any(ctx.needs_input_grad):
+            ctx.rec, ctx.key, ctx.ws, ctx.owner = rec, key, ws, owner
+            ctx.terms = (saved_h, xhat_h)
+            ctx.save_for_backward(w_hh, w_h, hs)
+        else:
+            POOL.give(key, ws)
+        return hs[1:], h.clone()
+
+    @staticmethod
+    def backward(ctx, d_y, d_hT):
+        ws = ctx.ws
+        if not POOL.reclaim(ctx.key, ws, ctx.owner):
+            raise RuntimeError(
+                "a second backward through the GRU sequence path after another forward of "
+                "the same shape: its buffers were reused; run it on layer.path = 'loop'"
+            )
+        rec, hidden = ctx.rec, ctx.rec.hidden
+        w_hh, w_h, hs = ctx.saved_tensors
+        act, hnb = ws.buffers["act"], ws.buffers["hnb"]
+        saved_h, xhat_h = ctx.terms
+        steps, batch, gates = act.shape
+        size = gates // 3
+        r, z, n = act.chunk(3, 2)
+        s_g = rec.candidate_scale
+        # For all steps at once: k_u = d h'/d u = (1 - z) s_g (1 - tanh²); q_r = d u / d pre_r
+        # = (W_hn h + b_hn) σ'(r); q_z = d h' / d pre_z = (h - s_g tanh u) σ'(z).
+        k_u = ws("k_u", steps, batch, size)
+        torch.mul(n, n, out=k_u).sub_(1).mul_(s_g).mul_(z.sub(1))
+        q_r = torch.addcmul(r, r, r, value=-1, out=ws("q_r", steps, batch, size)).mul_(hnb)
+        q_z = ws("q_z", steps, batch, size)
+        torch.add(hs[:-1], n, alpha=-s_g, out=q_z)
+        q_z.mul_(torch.addcmul(z, z, z, value=-1))
+
+        d_pre = torch.empty_like(act)  # a gradient for xp: never a workspace buffer
+        d_hid = ws("d_hid", steps, batch, gates)  # the gradient for the (normalized) W_h h
+        d_ys, k_us, q_rs, q_zs, rs, zs = (v.unbind(0) for v in (d_y, k_u, q_r, q_z, r, z))
+        d_r, d_z, d_u = (v.unbind(0) for v in d_pre.chunk(3, 2))
+        d_hr, d_hz, d_hn = (v.unbind(0) for v in d_hid.chunk(3, 2))
+        d_a = []
+        dh = None
+        for t in range(steps - 1, -1, -1):
+            dh = d_ys[t] + d_hT if dh is None else torch.addmm(dh_direct.add_(d_ys[t]), da, w_hh)
+            du = torch.mul(dh, k_us[t], out=d_u[t])
+            torch.mul(dh, q_zs[t], out=d_z[t])
+            torch.mul(du, q_rs[t], out=d_r[t])
+            torch.mul(du, rs[t], out=d_hn[t])
+            d_hr[t].copy_(d_r[t])
+            d_hz[t].copy_(d_z[t])
+            if hidden is None:
+                da = d_hid[t]
+            else:
+                da = hidden.step_backward(d_hid[t] * w_h, saved_h[t])
+                d_a.append(da)
+            dh_direct = dh * zs[t]
+        d_h0 = torch.addmm(dh_direct, da, w_hh)
+        if hidden is None:
+            d_a = d_hid
+        else:
+            d_a.reverse()
+            d_a = torch.stack(d_a, out=ws("d_a", steps, batch, gates))
+        d_w = torch.mm(d_a.view(-1, gates).t(), hs[:-1].reshape(-1, size))
+        d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
+        grads = [None, d_pre, d_w, d_b_hn, d_h0]
+        if hidden is None:
+            grads += [None, None]
+        else:
+            prod = torch.stack(xhat_h, out=ws("xhat", steps, batch, gates)).mul_(d_hid)
+            grads.append(prod.sum((0, 1)))
+            grads.append(d_hid.sum((0, 1)) if hidden.bias is not None else None)
+        POOL.give(ctx.key, ws)
+        return tuple(grads)
