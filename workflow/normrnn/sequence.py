@@ -331,9 +331,8 @@ class _GRUSequence(torch.autograd.Function):
         d_r, d_z, d_u = (v.unbind(0) for v in d_pre.chunk(3, 2))
         d_hr, d_hz, d_hn = (v.unbind(0) for v in d_hid.chunk(3, 2))
         d_a = []
-        dh = None
+        dh = d_ys[steps - 1] + d_hT
         for t in range(steps - 1, -1, -1):
-            dh = d_ys[t] + d_hT if dh is None else torch.addmm(dh_direct.add_(d_ys[t]), da, w_hh)
             du = torch.mul(dh, k_us[t], out=d_u[t])
             torch.mul(dh, q_zs[t], out=d_z[t])
             torch.mul(du, q_rs[t], out=d_r[t])
@@ -345,8 +344,9 @@ class _GRUSequence(torch.autograd.Function):
             else:
                 da = hidden.step_backward(d_hid[t] * w_h, saved_h[t])
                 d_a.append(da)
-            dh_direct = dh * zs[t]
-        d_h0 = torch.addmm(dh_direct, da, w_hh)
+            carry = dh * zs[t]  # h' = n + z h: the direct path to h
+            dh = torch.addmm(carry.add_(d_ys[t - 1]) if t else carry, da, w_hh)
+        d_h0 = dh
         if hidden is None:
             d_a = d_hid
         else:
