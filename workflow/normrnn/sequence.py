@@ -109,6 +109,25 @@ class WorkspacePool:
 POOL = WorkspacePool()
 
 
+def _weight_grad(d_a: list, d_plain: torch.Tensor, hs: torch.Tensor, ws: Workspace):
+    """dW_h = Σ_t da_tᵀ h_{t-1} as one product; ``d_a`` holds the hidden term's input
+    gradients from the last step to the first, or is empty without a hidden norm (then the
+    gradient is ``d_plain``)."""
+    if d_a:
+        d_a.reverse()
+        d_plain = torch.stack(d_a, out=ws("d_a", *d_plain.shape))
+    return torch.mm(d_plain.flatten(0, 1).t(), hs[:-1].flatten(0, 1))
+
+
+def _term_grads(term, xhat: list, dy: torch.Tensor, out: torch.Tensor) -> list:
+    """The gradients of a term's gains (Σ dy x̂) and shift (Σ dy); ``out`` a spare buffer of
+    dy's shape."""
+    if term is None:
+        return [None, None]
+    weight = torch.stack(xhat, out=out).mul_(dy).sum((0, 1))
+    return [weight, dy.sum((0, 1)) if term.bias is not None else None]
+
+
 def _tanh_into(x: torch.Tensor) -> torch.Tensor:
     """In place on a sigmoid's output of 2x: tanh(x) = 2 σ(2x) - 1. The gate blocks are strided
     views, on which torch's tanh kernel runs several times slower than its sigmoid."""
@@ -225,22 +244,10 @@ class _LSTMSequence(torch.autograd.Function):
                 da = hidden.step_backward(d_pres[t] * w_h, saved_h[t])
                 d_a.append(da)
             dc = dc * fs[t]
-        d_h0 = torch.mm(da, w_hh)
-        if hidden is None:
-            d_a = d_pre
-        else:
-            d_a.reverse()
-            d_a = torch.stack(d_a, out=ws("d_a", steps, batch, gates))
-        d_w = torch.mm(d_a.view(-1, gates).t(), hs[:-1].reshape(-1, size))
-        grads = [None, d_pre, d_w, d_h0, dc]
-        # the gains' and shifts' gradients; p and k, no longer needed, hold the products
-        for term, xhat, dy, out in ((hidden, xhat_h, d_pre, p), (cell, xhat_c, d_cn, k)):
-            if term is None:
-                grads += [None, None]
-                continue
-            prod = torch.stack(xhat, out=out).mul_(dy)
-            grads.append(prod.sum((0, 1)))
-            grads.append(dy.sum((0, 1)) if term.bias is not None else None)
+        d_w = _weight_grad(d_a, d_pre, hs, ws)
+        # p and k, no longer needed, hold the terms' products
+        grads = [None, d_pre, d_w, torch.mm(da, w_hh), dc]
+        grads += _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
         POOL.give(ctx.key, ws)
         return tuple(grads)
 
@@ -346,20 +353,9 @@ class _GRUSequence(torch.autograd.Function):
                 d_a.append(da)
             carry = dh * zs[t]  # h' = n + z h: the direct path to h
             dh = torch.addmm(carry.add_(d_ys[t - 1]) if t else carry, da, w_hh)
-        d_h0 = dh
-        if hidden is None:
-            d_a = d_hid
-        else:
-            d_a.reverse()
-            d_a = torch.stack(d_a, out=ws("d_a", steps, batch, gates))
-        d_w = torch.mm(d_a.view(-1, gates).t(), hs[:-1].reshape(-1, size))
+        d_w = _weight_grad(d_a, d_hid, hs, ws)
         d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
-        grads = [None, d_pre, d_w, d_b_hn, d_h0]
-        if hidden is None:
-            grads += [None, None]
-        else:
-            prod = torch.stack(xhat_h, out=ws("xhat", steps, batch, gates)).mul_(d_hid)
-            grads.append(prod.sum((0, 1)))
-            grads.append(d_hid.sum((0, 1)) if hidden.bias is not None else None)
+        grads = [None, d_pre, d_w, d_b_hn, dh]
+        grads += _term_grads(hidden, xhat_h, d_hid, ws("xhat", steps, batch, gates))
         POOL.give(ctx.key, ws)
         return tuple(grads)
