@@ -304,3 +304,21 @@ def test_sequence_path_refuses_a_backward_whose_buffers_were_reused(cell):
     layer(x)  # same shape: takes the buffers the first graph gave back
     with pytest.raises(RuntimeError, match="layer.path = 'loop'"):
         loss.backward()
+
+
+def test_a_stack_of_layers_reuses_one_workspace_per_layer(monkeypatch):
+    """Two layers of one shape: each training step after the first reuses the same two
+    workspaces (a pool keeping one per shape would allocate afresh for one layer per step)."""
+    from normrnn import sequence
+
+    monkeypatch.setattr(sequence, "POOL", POOL := sequence.WorkspacePool())
+    model = build_model(
+        "classifier", num_classes=2, hidden_size=8, input_size=8, num_layers=2, norm="ln"
+    )
+    x = torch.randn(5, 4, 8)
+    seen = []
+    for _ in range(3):
+        model(x)[0].sum().backward()
+        spares = [ws for key, stack in POOL.free.items() if key[1:4] == (5, 4, 8) for ws in stack]
+        seen.append({id(ws) for ws in spares})
+    assert len(seen[0]) == 2 and seen[1] == seen[0] == seen[2]

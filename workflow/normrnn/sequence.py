@@ -1,14 +1,15 @@
-"""The LSTM recurrence over a whole sequence with a hand-written backward.
+"""The LSTM and GRU recurrences over a whole sequence with a hand-written backward.
 
 The step loop of :class:`~normrnn.cells.RecurrentLayer` builds a dozen autograd nodes per time
 step, and at small sizes their overhead, not arithmetic, sets the speed. Here one
-``torch.autograd.Function`` runs the whole recurrence (everything after the input projection,
-which stays in autograd, vectorized over all steps):
+``torch.autograd.Function`` per cell runs the whole recurrence (everything after the input
+projection, which stays in autograd, vectorized over all steps):
 
 * forward, step by step without autograd, keeping what the backward needs;
 * backward, step by step in reverse, with only the work that depends on the next step's
   gradient in the loop. The activation derivatives are computed for all steps at once before
-  it, and the parameter gradients after it: ``dW_h`` as one matmul over all steps.
+  it, and the parameter gradients after it: ``dW_h`` as one matmul over all steps;
+* intermediate buffers from a :class:`WorkspacePool`, reused between calls.
 
 The per-step normalizations come from a :class:`Recurrence`: the norm's hidden term and
 ``c_t`` term (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
@@ -26,7 +27,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Recurrence:
-    """What the LSTM step does besides the plain cell: ``hidden`` normalizes ``W_h h_{t-1}``
+    """What a step does besides the plain cell: ``hidden`` normalizes ``W_h h_{t-1}``
     and ``cell`` normalizes ``c_t`` (term modules, None = identity); the cell input is
     ``candidate_scale · tanh(g)`` and the output ``h_t = σ(o) · output_scale ·
     tanh(cell_scale · c_t)`` (normalization propagation's fixed rescaling)."""
@@ -59,17 +60,18 @@ class Workspace:
     """Named buffers of one call, created on first use; ``owner`` is the call using them."""
 
     def __init__(self, like: torch.Tensor):
-        self.like, self.buffers, self.owner = like, {}, None
+        self.dtype, self.device, self.buffers, self.owner = like.dtype, like.device, {}, None
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
         buf = self.buffers.get(name)
         if buf is None:
-            buf = self.buffers[name] = self.like.new_empty(shape)
+            buf = self.buffers[name] = torch.empty(shape, dtype=self.dtype, device=self.device)
         return buf
 
 
 class WorkspacePool:
-    """Workspaces kept between calls, the most recent ``keep`` shapes.
+    """Workspaces kept between calls: up to ``per_shape`` for each of the ``shapes`` most
+    recent shapes (a stack of layers of one size uses one per layer).
 
     A sequence's intermediate buffers are tens of MB. Allocated afresh each call, they come
     from new pages of memory that the kernel must map and zero on first touch, a cost larger
@@ -81,26 +83,27 @@ class WorkspacePool:
     workspace buffers.
     """
 
-    def __init__(self, keep: int = 2):
-        self.keep, self.free = keep, {}
+    def __init__(self, shapes: int = 2, per_shape: int = 4):
+        self.shapes, self.per_shape, self.free = shapes, per_shape, {}
 
     def take(self, key, like: torch.Tensor, owner) -> Workspace:
-        spare = self.free.pop(key, None)
-        ws = spare if spare is not None else Workspace(like)
+        spares = self.free.get(key)
+        ws = spares.pop() if spares else Workspace(like)
         ws.owner = owner
         return ws
 
     def give(self, key, ws: Workspace) -> None:
         ws.owner = None
-        self.free.pop(key, None)
-        self.free[key] = ws
-        while len(self.free) > self.keep:
+        spares = self.free.pop(key, [])
+        self.free[key] = (spares + [ws])[-self.per_shape :]  # the most recent key last
+        while len(self.free) > self.shapes:
             self.free.pop(next(iter(self.free)))
 
     def reclaim(self, key, ws: Workspace, owner) -> bool:
         """Takes ``ws`` back for ``owner`` if it lies unused in the pool."""
-        if ws.owner is None and self.free.get(key) is ws:
-            del self.free[key]
+        spares = self.free.get(key, [])
+        if ws.owner is None and any(s is ws for s in spares):
+            spares.remove(ws)
             ws.owner = owner
             return True
         return ws.owner is owner
@@ -139,7 +142,7 @@ class _LSTMSequence(torch.autograd.Function):
     def forward(ctx, rec, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
         steps, batch, gates = xp.shape
         size = gates // 4
-        key = (steps, batch, size, xp.dtype, xp.device)
+        key = ("lstm", steps, batch, size, xp.dtype, xp.device)
         owner = object()
         ws = POOL.take(key, xp, owner)
         act = ws("act", steps, batch, gates)  # σ(i), σ(f), tanh(g) (unscaled), σ(o)
