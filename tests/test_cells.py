@@ -322,3 +322,26 @@ def test_a_stack_of_layers_reuses_one_workspace_per_layer(monkeypatch):
         spares = [ws for key, stack in POOL.free.items() if key[1:4] == (5, 4, 8) for ws in stack]
         seen.append({id(ws) for ws in spares})
     assert len(seen[0]) == 2 and seen[1] == seen[0] == seen[2]
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_low_precision_arithmetic_runs_every_norm(cell, norm):
+    """``precision: bf16`` (CPU autocast) trains and evaluates every cell × norm: the layer
+    takes the reference loop, whose bf16 matmuls differ from fp32 by bf16's rounding only.
+    (The fused kernel refused mixed dtypes and batch norms' fp32 buffers refused bf16
+    statistics before.)"""
+    torch.manual_seed(0)
+    layer = CELLS[cell](5, 16, norm=norm, max_steps=6)
+    x = torch.randn(6, 4, 5)
+    reference = layer(x)[0].detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)[0]
+    assert not torch.equal(y.float(), reference)  # the matmuls did run in bf16
+    torch.testing.assert_close(y.float(), reference, atol=0.05, rtol=0.05)
+    y.float().pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    assert layer.weight_hh.grad.abs().sum() > 0
+    layer.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(layer(x)[0].float()).all()

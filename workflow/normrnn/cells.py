@@ -16,7 +16,8 @@ Three paths compute the same function; ``layer.path`` names the one a layer take
   (``sequence.py``).
 
 The loop serves what the others do not: masked batch statistics (a ``mask`` on the sequence
-path) and recording hidden states for diagnostics, which need each h_t as a node of the graph.
+path), low-precision arithmetic under autocast, and recording hidden states for diagnostics,
+which need each h_t as a node of the graph.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class RecurrentLayer(nn.Module):
         w_ih, w_hh = self.effective_weights()
         if state is None:
             state = self.initial_state(x)
-        if self.recorded is None:
+        # Low-precision arithmetic (``precision: bf16/fp16``, autocast) runs the reference loop:
+        # the fused kernel and the hand-written recurrence keep one dtype throughout.
+        if self.recorded is None and not torch.is_autocast_enabled(x.device.type):
             if self.path == "fused":
                 return self.fused(x, state, w_ih, w_hh)
             if self.path == "sequence" and mask is None:

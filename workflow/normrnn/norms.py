@@ -350,8 +350,9 @@ class BatchNormTerm(TermNorm):
         n = end - t0
         self.updates[t0:end] += 1
         weight = self.updates[t0:end].reciprocal().clamp(min=self.momentum).unsqueeze(1)
-        self.running_mean[t0:end].lerp_(mean[:n], weight)
-        self.running_stat[t0:end].lerp_(stat[:n], weight)
+        # under autocast the statistics may come in a lower precision than the buffers
+        self.running_mean[t0:end].lerp_(mean[:n].to(self.running_mean.dtype), weight)
+        self.running_stat[t0:end].lerp_(stat[:n].to(self.running_stat.dtype), weight)
         self.steps_seen.clamp_(min=end)
 
     def reset_population_statistics(self) -> None:
