@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from normrnn import CELLS, NORMS, QUANTIZERS, UnknownNameError, build_model, model_bits
+from normrnn.diagnostics import recording
 from normrnn.optim import make_optimizer, update_preconditioners
 
 
@@ -77,11 +78,21 @@ def test_every_norm_has_a_fast_path(cell):
 
 
 def test_a_term_without_a_step_makes_the_layer_loop(monkeypatch):
-    """A new normalization needs only its forward: without ``step`` the layer loops."""
-    from normrnn.norms import GroupLayerNorm, TermNorm
+    """A new normalization needs only its forward: without ``step`` the layer loops. So does
+    a batch norm with a new scale estimator but no gradient of it (the closed-form step would
+    otherwise use its parent's gradient: a wrong one)."""
+    from normrnn.norms import GroupLayerNorm, L1BatchNorm, TermNorm, _activation
 
     monkeypatch.setattr(GroupLayerNorm, "step", TermNorm.step)
     assert default_path("lstm", "ln") == default_path("gru", "ln") == "loop"
+
+    class MedianBatchNorm(L1BatchNorm):
+        def statistic(self, centered, w=None):
+            return centered.abs().median(1, keepdim=True).values
+
+    monkeypatch.setitem(NORMS, "medbn", _activation(MedianBatchNorm, norm_cell=True))
+    assert default_path("lstm", "medbn") == "loop"
+    assert default_path("lstm", "l1bn") == default_path("lstm", "linfbn") == "sequence"
 
 
 FAST = [(c, n) for c in sorted(CELLS) for n in sorted(NORMS) if default_path(c, n) != "loop"]
@@ -142,6 +153,9 @@ def test_the_sequence_path_leaves_masks_and_recording_to_the_loop():
     mask[:] = 1  # a full mask gives what no mask does, on either path
     layer.path = "sequence"
     torch.testing.assert_close(layer(x, mask=mask)[0], layer(x)[0], atol=1e-6, rtol=1e-5)
+    with recording(layer) as hs:  # each h_t a graph node: only the loop makes them
+        y = layer(x)[0]
+    assert len(hs) == 6 and torch.equal(torch.stack(hs), y)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))

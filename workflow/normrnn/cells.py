@@ -118,23 +118,25 @@ class RecurrentLayer(nn.Module):
             state = self.initial_state(x)
         # Low-precision arithmetic (``precision: bf16/fp16``, autocast) runs the reference loop:
         # the fused kernel and the hand-written recurrence keep one dtype throughout.
-        if self.recorded is None and not torch.is_autocast_enabled(x.device.type):
-            if self.path == "fused":
-                return self.fused(x, state, w_ih, w_hh)
-            if self.path == "sequence" and mask is None:
-                xp = self.norm.input_term(F.linear(x, w_ih), 0) + self.bias
-                y, state = self.sequence(self.norm.recurrence(), xp, w_hh, state)
-                self.norm.end_sequence()
-                return y, state
+        fast = self.recorded is None and not torch.is_autocast_enabled(x.device.type)
+        if fast and self.path == "fused":
+            return self.fused(x, state, w_ih, w_hh)
         xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
+        if fast and self.path == "sequence" and mask is None:
+            y, state = self.sequence(self.norm.recurrence(), xp, w_hh, state)
+        else:
+            y, state = self.loop(xp, state, w_hh, mask)
+        self.norm.end_sequence()
+        return y, state
+
+    def loop(self, xp, state, w_hh, mask):
         outputs = []
-        masks = [None] * x.shape[0] if mask is None else mask.unbind(0)
+        masks = [None] * xp.shape[0] if mask is None else mask.unbind(0)
         for t, (xt, mt) in enumerate(zip(xp.unbind(0), masks, strict=True)):
             state = self.step(xt, state, w_hh, t, mt)
             outputs.append(state[0])
             if self.recorded is not None:  # diagnostics.recording
                 self.recorded.append(state[0])
-        self.norm.end_sequence()
         return torch.stack(outputs), state
 
     def initial_state(self, x):

@@ -268,9 +268,13 @@ class BatchNormTerm(TermNorm):
             centered = x - mean
         return self.affine((centered / self.denominator(stat)).reshape(a.shape))
 
-    def denominator_grad(self, centered: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        """d denominator / d centered for one unmasked step, ``centered`` (B, F)."""
-        return centered / (centered.shape[0] * den)
+    @property
+    def has_step(self) -> bool:
+        """The L2 statistic steps through torch's kernel; another estimator needs
+        ``denominator_grad`` (d denominator / d centered for one unmasked step, ``centered``
+        (B, F)) from the class that defines its ``statistic``, or the layer loops."""
+        owner = next(c for c in type(self).__mro__ if "statistic" in vars(c))
+        return owner is BatchNormTerm or "denominator_grad" in vars(owner)
 
     def step(self, a, t):
         if not self.training:

@@ -43,13 +43,13 @@ def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0):
     """Runs the LSTM over ``xp`` (T, B, 4H), the input term with its bias, from ``(h0, c0)``.
     Returns the outputs (T, B, H) and the final ``(h, c)``."""
 
-    def params(term):
-        if term is None:
-            return None, None
-        return term.weight, term.bias
-
-    y, h, c = _LSTMSequence.apply(rec, xp, w_hh, h0, c0, *params(rec.hidden), *params(rec.cell))
+    y, h, c = _LSTMSequence.apply(rec, xp, w_hh, h0, c0, *_params(rec.hidden), *_params(rec.cell))
     return y, (h, c)
+
+
+def _params(term) -> tuple:
+    """A term's gains and shift, the tensors autograd must see as the Function's inputs."""
+    return (None, None) if term is None else (term.weight, term.bias)
 
 
 def _affine(xhat, weight, bias):
@@ -260,9 +260,7 @@ def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0):
     its biases, from ``h0``; ``b_hn`` is the recurrent bias inside the reset gate. The
     recurrence's ``cell`` and cell scales do not apply to the GRU. Returns the outputs and
     the final ``(h,)``."""
-    w_h = None if rec.hidden is None else rec.hidden.weight
-    b_h = None if rec.hidden is None else rec.hidden.bias
-    y, h = _GRUSequence.apply(rec, xp, w_hh, b_hn, h0, w_h, b_h)
+    y, h = _GRUSequence.apply(rec, xp, w_hh, b_hn, h0, *_params(rec.hidden))
     return y, (h,)
 
 
