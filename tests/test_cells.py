@@ -98,20 +98,24 @@ def test_a_term_without_a_step_makes_the_layer_loop(monkeypatch):
 FAST = [(c, n) for c in sorted(CELLS) for n in sorted(NORMS) if default_path(c, n) != "loop"]
 
 
-def run_path(cell, norm, quant, path, train=True, steps=6, hidden=16):
+def run_path(cell, norm, quant, path, train=True, steps=6, hidden=16, device="cpu"):
     """Outputs, final state, the input's and every parameter's gradient, and the buffers
     (batch norms' population statistics) after one forward and backward on ``path``. In eval
-    mode the population statistics come from one training batch first."""
+    mode the population statistics come from one training batch first. The same numbers on
+    any ``device``: the layer and the inputs are drawn on the CPU, then moved."""
     torch.manual_seed(0)
     # pRMS's default p leaves k = 1 of 16 units: conditioning too poor for a 1e-5 comparison
     opts = {"p": 0.25} if norm == "prms" else None
     layer = CELLS[cell](5, hidden, norm=norm, quant=quant, max_steps=steps, norm_opts=opts)
+    layer.to(device)
     if not train:
-        layer(torch.randn(steps, 4, 5))
+        layer(torch.randn(steps, 4, 5).to(device))
         layer.eval()
     layer.path = path
-    x = torch.randn(steps, 4, 5, requires_grad=True)
-    state = tuple(torch.randn(4, hidden, requires_grad=True) for _ in layer.initial_state(x))
+    x = torch.randn(steps, 4, 5).to(device).requires_grad_()
+    state = tuple(
+        torch.randn(4, hidden).to(device).requires_grad_() for _ in layer.initial_state(x)
+    )
     y, last = layer(x, state)
     (y.pow(2).mean() + sum(s.mean() for s in last)).backward()
     out = {"y": y, "x.grad": x.grad}

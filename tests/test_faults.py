@@ -22,10 +22,10 @@ PARAMS = {
 }  # fmt: skip
 
 
-def run_train(out, data_dir, params=PARAMS, **kw):
+def run_train(out, data_dir, params=PARAMS, device="cpu", **kw):
     return train(
         params, data_dir, out / "model.pt", out / "history.csv", out / "train.json", out / "ckpt",
-        device="cpu", log=lambda m: None, **kw,
+        device=device, log=lambda m: None, **kw,
     )  # fmt: skip
 
 

@@ -133,9 +133,12 @@ def alternating(w: torch.Tensor, bits: int, iters: int = 3) -> torch.Tensor:
         residual = residual - a * b
     alpha = torch.stack(alphas)
     B = torch.stack(codes, 1)
-    combos = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=bits)), dtype=flat.dtype)
+    levels = list(itertools.product([-1.0, 1.0], repeat=bits))
+    combos = torch.tensor(levels, dtype=flat.dtype, device=flat.device)
     for _ in range(iters):
-        alpha = torch.linalg.lstsq(B, flat).solution[:, 0]
+        # least squares through the bits × bits normal equations: the pseudo-inverse gives the
+        # same minimum-norm answer on every device (CUDA's lstsq assumes full rank)
+        alpha = (torch.linalg.pinv(B.t() @ B) @ (B.t() @ flat))[:, 0]
         levels = combos @ alpha
         B = combos[(flat - levels[None, :]).abs().argmin(1)]
     return (B @ alpha).to(w.dtype).reshape(w.shape)
