@@ -142,6 +142,12 @@ class RecurrentLayer(nn.Module):
     def initial_state(self, x):
         return (x.new_zeros(x.shape[1], self.hidden_size),)
 
+    def _train(self) -> bool:
+        """The fused kernels' ``train`` flag. Without dropout it changes no number, but cuDNN
+        keeps what its backward needs only in training mode: gradients in eval mode (input
+        gradients for robustness, say) need it too."""
+        return self.training or torch.is_grad_enabled()
+
 
 @CELLS.register("lstm")
 class LSTMLayer(RecurrentLayer):
@@ -160,7 +166,7 @@ class LSTMLayer(RecurrentLayer):
         h, c = state
         params = [w_ih, w_hh, self.bias, torch.zeros_like(self.bias)]
         y, h, c = torch.lstm(
-            x, (h.unsqueeze(0), c.unsqueeze(0)), params, True, 1, 0.0, self.training, False, False
+            x, (h.unsqueeze(0), c.unsqueeze(0)), params, True, 1, 0.0, self._train(), False, False
         )
         return y, (h[0], c[0])
 
@@ -193,7 +199,7 @@ class GRULayer(RecurrentLayer):
         (h,) = state
         b_hh = torch.cat([self.bias_hn.new_zeros(2 * self.hidden_size), self.bias_hn])
         params = [w_ih, w_hh, self.bias, b_hh]
-        y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self.training, False, False)
+        y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False)
         return y, (h[0],)
 
     def sequence(self, rec, xp, w_hh, state):
