@@ -342,6 +342,20 @@ def test_a_stack_of_layers_reuses_one_workspace_per_layer(monkeypatch):
     assert len(seen[0]) == 2 and seen[1] == seen[0] == seen[2]
 
 
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_inference_gives_its_workspace_back(cell, monkeypatch):
+    """Under no_grad no backward comes to give the workspace back: the forward does (autograd
+    still reports that the parameters need gradients there)."""
+    from normrnn import sequence
+
+    monkeypatch.setattr(sequence, "POOL", POOL := sequence.WorkspacePool())
+    layer = sequence_layer(cell=cell).eval()
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(5, 4, 3))
+            assert [len(spares) for spares in POOL.free.values()] == [1]
+
+
 @pytest.mark.parametrize("norm", sorted(NORMS))
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_low_precision_arithmetic_runs_every_norm(cell, norm):

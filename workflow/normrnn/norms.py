@@ -313,7 +313,7 @@ class BatchNormTerm(TermNorm):
     def _slots(self, t0, steps, device):
         if self.shared:
             return torch.zeros(1, dtype=torch.long, device=device)
-        last = max(int(self.steps_seen), 1) - 1
+        last = (self.steps_seen - 1).clamp(min=0)  # on the device: no sync, a graph replays it
         return torch.arange(t0, t0 + steps, device=device).clamp(max=last)
 
     def _fused(self, x):

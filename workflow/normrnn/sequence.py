@@ -20,9 +20,12 @@ gradients, population statistics) and its backward to finite differences (``grad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+
+from . import graphs
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,9 @@ def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0):
     """Runs the LSTM over ``xp`` (T, B, 4H), the input term with its bias, from ``(h0, c0)``.
     Returns the outputs (T, B, H) and the final ``(h, c)``."""
 
-    y, h, c = _LSTMSequence.apply(rec, xp, w_hh, h0, c0, *_params(rec.hidden), *_params(rec.cell))
+    y, h, c = _LSTMSequence.apply(
+        rec, torch.is_grad_enabled(), xp, w_hh, h0, c0, *_params(rec.hidden), *_params(rec.cell)
+    )
     return y, (h, c)
 
 
@@ -57,10 +62,12 @@ def _affine(xhat, weight, bias):
 
 
 class Workspace:
-    """Named buffers of one call, created on first use; ``owner`` is the call using them."""
+    """Named buffers of one call, created on first use; ``owner`` is the call using them;
+    ``graphs`` the CUDA graphs of the loops that write them (``graphs.py``)."""
 
     def __init__(self, like: torch.Tensor):
         self.dtype, self.device, self.buffers, self.owner = like.dtype, like.device, {}, None
+        self.graphs = graphs.Graphs()
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
         buf = self.buffers.get(name)
@@ -137,61 +144,50 @@ def _tanh_into(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(2).sub_(1)
 
 
+def _rec_signature(rec: Recurrence) -> tuple:
+    """What a graph of ``rec``'s loops depends on besides its tensor inputs."""
+    terms = tuple(None if t is None else (id(t), t.training) for t in (rec.hidden, rec.cell))
+    return terms + (rec.candidate_scale, rec.cell_scale, rec.output_scale)
+
+
+def _terms(rec: Recurrence) -> tuple:
+    return tuple(t for t in (rec.hidden, rec.cell) if t is not None)
+
+
+def _backward(entry, body, grads_out) -> tuple:
+    """Runs a backward ``body`` on the output gradients: eagerly after an eager forward, on
+    the graph that belongs to a graphed forward otherwise (captured at its first use), then
+    copies the gradients out of the graph's static outputs (autograd may keep one as a
+    parameter's ``.grad``, and the next replay would overwrite it)."""
+    if entry is None:
+        return tuple(body(*grads_out))
+    grads = graphs.run(entry.children, body, grads_out, entry.terms, warmup=False)[0]
+    return tuple(g if g is None else g.clone() for g in grads)
+
+
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
+    def forward(ctx, rec, grad, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
         steps, batch, gates = xp.shape
-        size = gates // 4
-        key = ("lstm", steps, batch, size, xp.dtype, xp.device)
+        key = ("lstm", steps, batch, gates // 4, xp.dtype, xp.device)
         owner = object()
         ws = POOL.take(key, xp, owner)
-        act = ws("act", steps, batch, gates)  # σ(i), σ(f), tanh(g) (unscaled), σ(o)
-        cs = ws("cs", steps + 1, batch, size)
-        tcs = ws("tcs", steps, batch, size)  # tanh of the (scaled or normalized) cell
-        pre = ws("pre", batch, gates)  # this step's gate pre-activations
-        hs = xp.new_empty(steps + 1, batch, size)  # an output: never a workspace buffer
-        hs[0], cs[0] = h0, c0
-        hidden, cell = rec.hidden, rec.cell
-        saved_h, saved_c, xhat_h, xhat_c = [], [], [], []
-        pre_g = pre[:, 2 * size : 3 * size]
-        i, f, g, o = (v.unbind(0) for v in act.chunk(4, 2))
-        xs, acts, tc, h_out, c_out = (v.unbind(0) for v in (xp, act, tcs, hs[1:], cs[1:]))
-        wt = w_hh.t()
-        h, c = hs[0], cs[0]
-        for t in range(steps):
-            a = torch.mm(h, wt)
-            if hidden is None:
-                torch.add(xs[t], a, out=pre)
-            else:
-                xh, s = hidden.step(a, t)
-                saved_h.append(s)
-                xhat_h.append(xh)
-                torch.addcmul(xs[t], xh, w_h, out=pre)
-                if b_h is not None:
-                    pre.add_(b_h)
-            pre_g.mul_(2)
-            torch.sigmoid(pre, out=acts[t])
-            cand = _tanh_into(g[t])
-            if rec.candidate_scale != 1.0:
-                cand = cand * rec.candidate_scale
-            c = torch.addcmul(f[t] * c, i[t], cand, out=c_out[t])
-            if cell is not None:
-                xc, s = cell.step(c, t)
-                saved_c.append(s)
-                xhat_c.append(xc)
-                torch.tanh(_affine(xc, w_c, b_c), out=tc[t])
-            else:
-                torch.tanh(c if rec.cell_scale == 1.0 else c * rec.cell_scale, out=tc[t])
-            h = torch.mul(o[t], tc[t], out=h_out[t])
-            if rec.output_scale != 1.0:
-                h.mul_(rec.output_scale)
-        if any(ctx.needs_input_grad):
-            ctx.rec, ctx.key, ctx.ws, ctx.owner = rec, key, ws, owner
-            ctx.terms = (saved_h, saved_c, xhat_h, xhat_c)
+        (hs, cs, terms), used, entry = graphs.run(
+            ws.graphs,
+            partial(_lstm_forward, rec, ws),
+            (xp, w_hh, h0, c0, w_h, b_h, w_c, b_c),
+            _terms(rec),
+            _rec_signature(rec),
+        )
+        if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
+            _, w_hh, _, _, w_h, _, w_c, _ = used  # on a graph: its static inputs
+            ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
+            ctx.terms = terms
             ctx.save_for_backward(w_hh, w_h, w_c, hs)
         else:
             POOL.give(key, ws)
-        return hs[1:], h.clone(), c.clone()
+        y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses
+        return y, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT):
@@ -201,58 +197,109 @@ class _LSTMSequence(torch.autograd.Function):
                 "a second backward through the LSTM sequence path after another forward of "
                 "the same shape: its buffers were reused; run it on layer.path = 'loop'"
             )
-        rec = ctx.rec
-        w_hh, w_h, w_c, hs = ctx.saved_tensors
-        act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
-        saved_h, saved_c, xhat_h, xhat_c = ctx.terms
-        steps, batch, gates = act.shape
-        size = gates // 4
-        i, f, g, o = act.chunk(4, 2)
-        # What does not depend on the recurrence, for all steps at once, in place (σ' = σ - σ²).
-        # k: d h_t / d(tanh input) = σ(o) · s_out · (1 - tc²) (· s_c without a cell norm)
-        k = ws("k", steps, batch, size)
-        torch.mul(tcs, tcs, out=k).sub_(1).mul_(o).mul_(-rec.output_scale)
-        if rec.cell is None and rec.cell_scale != 1.0:
-            k.mul_(rec.cell_scale)
-        # p: d pre / d c_t for i, f, g and d pre / d h_t for o
-        p = ws("p", steps, batch, gates)
-        p_i, p_f, p_g, p_o = p.chunk(4, 2)
-        torch.addcmul(i, i, i, value=-1, out=p_i).mul_(g).mul_(rec.candidate_scale)
-        torch.addcmul(f, f, f, value=-1, out=p_f).mul_(cs[:-1])
-        torch.mul(g, g, out=p_g).sub_(1).mul_(i).mul_(-rec.candidate_scale)
-        torch.addcmul(o, o, o, value=-1, out=p_o).mul_(tcs).mul_(rec.output_scale)
-
-        d_pre = torch.empty_like(act)  # a gradient: never a workspace buffer
-        blocks = (steps, batch, 4, size)
-        dp_ifg, dp_o = d_pre.view(blocks)[:, :, :3].unbind(0), d_pre.view(blocks)[:, :, 3].unbind(0)
-        p_ifg, p_o = p.view(blocks)[:, :, :3].unbind(0), p.view(blocks)[:, :, 3].unbind(0)
-        d_pres, d_ys, ks, fs = d_pre.unbind(0), d_y.unbind(0), k.unbind(0), f.unbind(0)
-        d_cn = ws("d_cn", steps, batch, size) if rec.cell is not None else None
-        d_cns = d_cn.unbind(0) if d_cn is not None else None
-        hidden, cell = rec.hidden, rec.cell
-        d_a = []
-        dc, da = d_cT, None
-        for t in range(steps - 1, -1, -1):
-            dh = d_ys[t] + d_hT if da is None else torch.addmm(d_ys[t], da, w_hh)
-            if cell is None:
-                dc = torch.addcmul(dc, dh, ks[t])
-            else:
-                dcn = torch.mul(dh, ks[t], out=d_cns[t])
-                dc = dc + cell.step_backward(dcn * w_c, saved_c[t])
-            torch.mul(dc.unsqueeze(1), p_ifg[t], out=dp_ifg[t])
-            torch.mul(dh, p_o[t], out=dp_o[t])
-            if hidden is None:
-                da = d_pres[t]
-            else:
-                da = hidden.step_backward(d_pres[t] * w_h, saved_h[t])
-                d_a.append(da)
-            dc = dc * fs[t]
-        d_w = _weight_grad(d_a, d_pre, hs, ws)
-        # p and k, no longer needed, hold the terms' products
-        grads = [None, d_pre, d_w, torch.mm(da, w_hh), dc]
-        grads += _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
+        body = partial(_lstm_backward, ctx.rec, ws, ctx.terms, *ctx.saved_tensors)
+        grads = _backward(ctx.entry, body, (d_y, d_hT, d_cT))
         POOL.give(ctx.key, ws)
-        return tuple(grads)
+        return (None, *grads)
+
+
+def _lstm_forward(rec, ws, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
+    """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps."""
+    steps, batch, gates = xp.shape
+    size = gates // 4
+    act = ws("act", steps, batch, gates)  # σ(i), σ(f), tanh(g) (unscaled), σ(o)
+    cs = ws("cs", steps + 1, batch, size)
+    tcs = ws("tcs", steps, batch, size)  # tanh of the (scaled or normalized) cell
+    pre = ws("pre", batch, gates)  # this step's gate pre-activations
+    hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
+    hs[0], cs[0] = h0, c0
+    hidden, cell = rec.hidden, rec.cell
+    saved_h, saved_c, xhat_h, xhat_c = [], [], [], []
+    pre_g = pre[:, 2 * size : 3 * size]
+    i, f, g, o = (v.unbind(0) for v in act.chunk(4, 2))
+    xs, acts, tc, h_out, c_out = (v.unbind(0) for v in (xp, act, tcs, hs[1:], cs[1:]))
+    wt = w_hh.t()
+    h, c = hs[0], cs[0]
+    for t in range(steps):
+        a = torch.mm(h, wt)
+        if hidden is None:
+            torch.add(xs[t], a, out=pre)
+        else:
+            xh, s = hidden.step(a, t)
+            saved_h.append(s)
+            xhat_h.append(xh)
+            torch.addcmul(xs[t], xh, w_h, out=pre)
+            if b_h is not None:
+                pre.add_(b_h)
+        pre_g.mul_(2)
+        torch.sigmoid(pre, out=acts[t])
+        cand = _tanh_into(g[t])
+        if rec.candidate_scale != 1.0:
+            cand = cand * rec.candidate_scale
+        c = torch.addcmul(f[t] * c, i[t], cand, out=c_out[t])
+        if cell is not None:
+            xc, s = cell.step(c, t)
+            saved_c.append(s)
+            xhat_c.append(xc)
+            torch.tanh(_affine(xc, w_c, b_c), out=tc[t])
+        else:
+            torch.tanh(c if rec.cell_scale == 1.0 else c * rec.cell_scale, out=tc[t])
+        h = torch.mul(o[t], tc[t], out=h_out[t])
+        if rec.output_scale != 1.0:
+            h.mul_(rec.output_scale)
+    return hs, cs, (saved_h, saved_c, xhat_h, xhat_c)
+
+
+def _lstm_backward(rec, ws, terms, w_hh, w_h, w_c, hs, d_y, d_hT, d_cT):
+    """The backward of :func:`_lstm_forward`: the gradients of the Function's inputs."""
+    act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
+    saved_h, saved_c, xhat_h, xhat_c = terms
+    steps, batch, gates = act.shape
+    size = gates // 4
+    i, f, g, o = act.chunk(4, 2)
+    # What does not depend on the recurrence, for all steps at once, in place (σ' = σ - σ²).
+    # k: d h_t / d(tanh input) = σ(o) · s_out · (1 - tc²) (· s_c without a cell norm)
+    k = ws("k", steps, batch, size)
+    torch.mul(tcs, tcs, out=k).sub_(1).mul_(o).mul_(-rec.output_scale)
+    if rec.cell is None and rec.cell_scale != 1.0:
+        k.mul_(rec.cell_scale)
+    # p: d pre / d c_t for i, f, g and d pre / d h_t for o
+    p = ws("p", steps, batch, gates)
+    p_i, p_f, p_g, p_o = p.chunk(4, 2)
+    torch.addcmul(i, i, i, value=-1, out=p_i).mul_(g).mul_(rec.candidate_scale)
+    torch.addcmul(f, f, f, value=-1, out=p_f).mul_(cs[:-1])
+    torch.mul(g, g, out=p_g).sub_(1).mul_(i).mul_(-rec.candidate_scale)
+    torch.addcmul(o, o, o, value=-1, out=p_o).mul_(tcs).mul_(rec.output_scale)
+
+    d_pre = torch.empty_like(act)  # a gradient: never a workspace buffer
+    blocks = (steps, batch, 4, size)
+    dp_ifg, dp_o = d_pre.view(blocks)[:, :, :3].unbind(0), d_pre.view(blocks)[:, :, 3].unbind(0)
+    p_ifg, p_o = p.view(blocks)[:, :, :3].unbind(0), p.view(blocks)[:, :, 3].unbind(0)
+    d_pres, d_ys, ks, fs = d_pre.unbind(0), d_y.unbind(0), k.unbind(0), f.unbind(0)
+    d_cn = ws("d_cn", steps, batch, size) if rec.cell is not None else None
+    d_cns = d_cn.unbind(0) if d_cn is not None else None
+    hidden, cell = rec.hidden, rec.cell
+    d_a = []
+    dc, da = d_cT, None
+    for t in range(steps - 1, -1, -1):
+        dh = d_ys[t] + d_hT if da is None else torch.addmm(d_ys[t], da, w_hh)
+        if cell is None:
+            dc = torch.addcmul(dc, dh, ks[t])
+        else:
+            dcn = torch.mul(dh, ks[t], out=d_cns[t])
+            dc = dc + cell.step_backward(dcn * w_c, saved_c[t])
+        torch.mul(dc.unsqueeze(1), p_ifg[t], out=dp_ifg[t])
+        torch.mul(dh, p_o[t], out=dp_o[t])
+        if hidden is None:
+            da = d_pres[t]
+        else:
+            da = hidden.step_backward(d_pres[t] * w_h, saved_h[t])
+            d_a.append(da)
+        dc = dc * fs[t]
+    d_w = _weight_grad(d_a, d_pre, hs, ws)
+    # p and k, no longer needed, hold the terms' products
+    grads = [None, d_pre, d_w, torch.mm(da, w_hh), dc]
+    return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
 def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0):
@@ -260,53 +307,35 @@ def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0):
     its biases, from ``h0``; ``b_hn`` is the recurrent bias inside the reset gate. The
     recurrence's ``cell`` and cell scales do not apply to the GRU. Returns the outputs and
     the final ``(h,)``."""
-    y, h = _GRUSequence.apply(rec, xp, w_hh, b_hn, h0, *_params(rec.hidden))
+    y, h = _GRUSequence.apply(
+        rec, torch.is_grad_enabled(), xp, w_hh, b_hn, h0, *_params(rec.hidden)
+    )
     return y, (h,)
 
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, xp, w_hh, b_hn, h0, w_h, b_h):
+    def forward(ctx, rec, grad, xp, w_hh, b_hn, h0, w_h, b_h):
         steps, batch, gates = xp.shape
-        size = gates // 3
-        key = ("gru", steps, batch, size, xp.dtype, xp.device)
+        key = ("gru", steps, batch, gates // 3, xp.dtype, xp.device)
         owner = object()
         ws = POOL.take(key, xp, owner)
-        act = ws("act", steps, batch, gates)  # σ(r), σ(z), tanh(u) (unscaled)
-        hnb = ws("hnb", steps, batch, size)  # the recurrent n term with its bias
-        pre = ws("pre", batch, 2 * size)
-        hs = xp.new_empty(steps + 1, batch, size)  # an output: never a workspace buffer
-        hs[0] = h0
-        hidden = rec.hidden
-        saved_h, xhat_h = [], []
-        r, z, n = (v.unbind(0) for v in act.chunk(3, 2))
-        xs, acts, hnbs, h_out = (v.unbind(0) for v in (xp, act, hnb, hs[1:]))
-        wt = w_hh.t()
-        h = hs[0]
-        for t in range(steps):
-            a = torch.mm(h, wt)
-            if hidden is not None:
-                xh, s = hidden.step(a, t)
-                saved_h.append(s)
-                xhat_h.append(xh)
-                a = _affine(xh, w_h, b_h)
-            x_rz, x_n = xs[t].split([2 * size, size], 1)
-            a_rz, a_n = a.split([2 * size, size], 1)
-            torch.add(x_rz, a_rz, out=pre)
-            torch.sigmoid(pre, out=acts[t][:, : 2 * size])
-            u = torch.addcmul(x_n, r[t], torch.add(a_n, b_hn, out=hnbs[t]), out=n[t])
-            nt = torch.tanh(u, out=n[t])
-            if rec.candidate_scale != 1.0:
-                nt = nt * rec.candidate_scale
-            # h' = n + z (h - n)
-            h = torch.addcmul(nt, z[t], h - nt, out=h_out[t])
-        if any(ctx.needs_input_grad):
-            ctx.rec, ctx.key, ctx.ws, ctx.owner = rec, key, ws, owner
-            ctx.terms = (saved_h, xhat_h)
+        (hs, terms), used, entry = graphs.run(
+            ws.graphs,
+            partial(_gru_forward, rec, ws),
+            (xp, w_hh, b_hn, h0, w_h, b_h),
+            _terms(rec),
+            _rec_signature(rec),
+        )
+        if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
+            _, w_hh, _, _, w_h, _ = used  # on a graph: its static inputs
+            ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
+            ctx.terms = terms
             ctx.save_for_backward(w_hh, w_h, hs)
         else:
             POOL.give(key, ws)
-        return hs[1:], h.clone()
+        y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses
+        return y, hs[-1].clone()
 
     @staticmethod
     def backward(ctx, d_y, d_hT):
@@ -316,47 +345,87 @@ class _GRUSequence(torch.autograd.Function):
                 "a second backward through the GRU sequence path after another forward of "
                 "the same shape: its buffers were reused; run it on layer.path = 'loop'"
             )
-        rec, hidden = ctx.rec, ctx.rec.hidden
-        w_hh, w_h, hs = ctx.saved_tensors
-        act, hnb = ws.buffers["act"], ws.buffers["hnb"]
-        saved_h, xhat_h = ctx.terms
-        steps, batch, gates = act.shape
-        size = gates // 3
-        r, z, n = act.chunk(3, 2)
-        s_g = rec.candidate_scale
-        # For all steps at once: k_u = d h'/d u = (1 - z) s_g (1 - tanh²); q_r = d u / d pre_r
-        # = (W_hn h + b_hn) σ'(r); q_z = d h' / d pre_z = (h - s_g tanh u) σ'(z).
-        k_u = ws("k_u", steps, batch, size)
-        torch.mul(n, n, out=k_u).sub_(1).mul_(s_g).mul_(z.sub(1))
-        q_r = torch.addcmul(r, r, r, value=-1, out=ws("q_r", steps, batch, size)).mul_(hnb)
-        q_z = ws("q_z", steps, batch, size)
-        torch.add(hs[:-1], n, alpha=-s_g, out=q_z)
-        q_z.mul_(torch.addcmul(z, z, z, value=-1))
-
-        d_pre = torch.empty_like(act)  # a gradient for xp: never a workspace buffer
-        d_hid = ws("d_hid", steps, batch, gates)  # the gradient for the (normalized) W_h h
-        d_ys, k_us, q_rs, q_zs, rs, zs = (v.unbind(0) for v in (d_y, k_u, q_r, q_z, r, z))
-        d_r, d_z, d_u = (v.unbind(0) for v in d_pre.chunk(3, 2))
-        d_hr, d_hz, d_hn = (v.unbind(0) for v in d_hid.chunk(3, 2))
-        d_a = []
-        dh = d_ys[steps - 1] + d_hT
-        for t in range(steps - 1, -1, -1):
-            du = torch.mul(dh, k_us[t], out=d_u[t])
-            torch.mul(dh, q_zs[t], out=d_z[t])
-            torch.mul(du, q_rs[t], out=d_r[t])
-            torch.mul(du, rs[t], out=d_hn[t])
-            d_hr[t].copy_(d_r[t])
-            d_hz[t].copy_(d_z[t])
-            if hidden is None:
-                da = d_hid[t]
-            else:
-                da = hidden.step_backward(d_hid[t] * w_h, saved_h[t])
-                d_a.append(da)
-            carry = dh * zs[t]  # h' = n + z h: the direct path to h
-            dh = torch.addmm(carry.add_(d_ys[t - 1]) if t else carry, da, w_hh)
-        d_w = _weight_grad(d_a, d_hid, hs, ws)
-        d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
-        grads = [None, d_pre, d_w, d_b_hn, dh]
-        grads += _term_grads(hidden, xhat_h, d_hid, ws("xhat", steps, batch, gates))
+        body = partial(_gru_backward, ctx.rec, ws, ctx.terms, *ctx.saved_tensors)
+        grads = _backward(ctx.entry, body, (d_y, d_hT))
         POOL.give(ctx.key, ws)
-        return tuple(grads)
+        return (None, *grads)
+
+
+def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, w_h, b_h):
+    """The forward loop: returns all h_t (from h0) and the hidden term's saved steps."""
+    steps, batch, gates = xp.shape
+    size = gates // 3
+    act = ws("act", steps, batch, gates)  # σ(r), σ(z), tanh(u) (unscaled)
+    hnb = ws("hnb", steps, batch, size)  # the recurrent n term with its bias
+    pre = ws("pre", batch, 2 * size)
+    hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
+    hs[0] = h0
+    hidden = rec.hidden
+    saved_h, xhat_h = [], []
+    r, z, n = (v.unbind(0) for v in act.chunk(3, 2))
+    xs, acts, hnbs, h_out = (v.unbind(0) for v in (xp, act, hnb, hs[1:]))
+    wt = w_hh.t()
+    h = hs[0]
+    for t in range(steps):
+        a = torch.mm(h, wt)
+        if hidden is not None:
+            xh, s = hidden.step(a, t)
+            saved_h.append(s)
+            xhat_h.append(xh)
+            a = _affine(xh, w_h, b_h)
+        x_rz, x_n = xs[t].split([2 * size, size], 1)
+        a_rz, a_n = a.split([2 * size, size], 1)
+        torch.add(x_rz, a_rz, out=pre)
+        torch.sigmoid(pre, out=acts[t][:, : 2 * size])
+        u = torch.addcmul(x_n, r[t], torch.add(a_n, b_hn, out=hnbs[t]), out=n[t])
+        nt = torch.tanh(u, out=n[t])
+        if rec.candidate_scale != 1.0:
+            nt = nt * rec.candidate_scale
+        # h' = n + z (h - n)
+        h = torch.addcmul(nt, z[t], h - nt, out=h_out[t])
+    return hs, (saved_h, xhat_h)
+
+
+def _gru_backward(rec, ws, terms, w_hh, w_h, hs, d_y, d_hT):
+    """The backward of :func:`_gru_forward`: the gradients of the Function's inputs."""
+    hidden = rec.hidden
+    act, hnb = ws.buffers["act"], ws.buffers["hnb"]
+    saved_h, xhat_h = terms
+    steps, batch, gates = act.shape
+    size = gates // 3
+    r, z, n = act.chunk(3, 2)
+    s_g = rec.candidate_scale
+    # For all steps at once: k_u = d h'/d u = (1 - z) s_g (1 - tanh²); q_r = d u / d pre_r
+    # = (W_hn h + b_hn) σ'(r); q_z = d h' / d pre_z = (h - s_g tanh u) σ'(z).
+    k_u = ws("k_u", steps, batch, size)
+    torch.mul(n, n, out=k_u).sub_(1).mul_(s_g).mul_(z.sub(1))
+    q_r = torch.addcmul(r, r, r, value=-1, out=ws("q_r", steps, batch, size)).mul_(hnb)
+    q_z = ws("q_z", steps, batch, size)
+    torch.add(hs[:-1], n, alpha=-s_g, out=q_z)
+    q_z.mul_(torch.addcmul(z, z, z, value=-1))
+
+    d_pre = torch.empty_like(act)  # a gradient for xp: never a workspace buffer
+    d_hid = ws("d_hid", steps, batch, gates)  # the gradient for the (normalized) W_h h
+    d_ys, k_us, q_rs, q_zs, rs, zs = (v.unbind(0) for v in (d_y, k_u, q_r, q_z, r, z))
+    d_r, d_z, d_u = (v.unbind(0) for v in d_pre.chunk(3, 2))
+    d_hr, d_hz, d_hn = (v.unbind(0) for v in d_hid.chunk(3, 2))
+    d_a = []
+    dh = d_ys[steps - 1] + d_hT
+    for t in range(steps - 1, -1, -1):
+        du = torch.mul(dh, k_us[t], out=d_u[t])
+        torch.mul(dh, q_zs[t], out=d_z[t])
+        torch.mul(du, q_rs[t], out=d_r[t])
+        torch.mul(du, rs[t], out=d_hn[t])
+        d_hr[t].copy_(d_r[t])
+        d_hz[t].copy_(d_z[t])
+        if hidden is None:
+            da = d_hid[t]
+        else:
+            da = hidden.step_backward(d_hid[t] * w_h, saved_h[t])
+            d_a.append(da)
+        carry = dh * zs[t]  # h' = n + z h: the direct path to h
+        dh = torch.addmm(carry.add_(d_ys[t - 1]) if t else carry, da, w_hh)
+    d_w = _weight_grad(d_a, d_hid, hs, ws)
+    d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
+    grads = [None, d_pre, d_w, d_b_hn, dh]
+    return grads + _term_grads(hidden, xhat_h, d_hid, ws("xhat", steps, batch, gates))
