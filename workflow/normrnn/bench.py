@@ -25,6 +25,7 @@ import torch
 from .cells import CELLS
 from .norms import NORMS
 from .quantizers import QUANTIZERS
+from .sequence import POOL
 
 
 def allocator() -> str:
@@ -90,6 +91,7 @@ def time_pair(f_base, f_var, device, warmup, repeats):
 
 
 def bench_variant(cell, norm, quant, args, device, dtype, roof):
+    POOL.free.clear()  # the last variant's buffers and graphs would count in this one's memory
     torch.manual_seed(0)
     inp, h, b, t = args.input, args.hidden, args.batch, args.steps
     layer = CELLS[cell](inp, h, norm=norm, quant=quant, max_steps=t).to(device, dtype)
@@ -157,6 +159,11 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA fp32 matmuls in TF32, for cuDNN and for torch alike (default: neither)",
+    )
     p.add_argument("--json", default=None, help="write the rows as a JSON list here")
     p.add_argument("--csv", default=None, help="write the rows as CSV here")
     args = p.parse_args(argv)
@@ -164,11 +171,17 @@ def parse(argv=None):
     return args
 
 
+ROW_ENV = ("threads", "allocator", "device", "dtype", "tf32")  # repeated in every row
+
+
 def run(args) -> tuple[dict, list[dict]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    # cuDNN's RNN multiplies fp32 in TF32 by default, torch's matmul does not: a baseline
+    # on other terms than the cells. One setting for both.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     roof = sgemm_gflops(device, dtype)
     env = {
         "torch": torch.__version__,
@@ -178,6 +191,8 @@ def run(args) -> tuple[dict, list[dict]]:
         "allocator": allocator(),
         "sgemm_gflops": roof,
         "machine": platform.processor() or platform.machine(),
+        "tf32": args.tf32 if device.type == "cuda" else None,
+        "cuda_graphs": device.type == "cuda" and os.environ.get("NORMRNN_CUDA_GRAPHS") != "0",
     }
     rows = []
     for cell in args.cells.split(","):
@@ -185,9 +200,7 @@ def run(args) -> tuple[dict, list[dict]]:
             for quant in args.quants.split(","):
                 NORMS[norm], QUANTIZERS[quant], CELLS[cell]  # unknown names fail early
                 row = bench_variant(cell, norm, quant, args, device, dtype, roof)
-                rows.append(
-                    {**row, **{k: env[k] for k in ("threads", "allocator", "device", "dtype")}}
-                )
+                rows.append({**row, **{k: env[k] for k in ROW_ENV}})
                 print(
                     f"{cell:4s} {norm:9s} {quant:5s} {row['path']:5s} "
                     f"train {row['train_ratio']:.2f}x "
@@ -207,7 +220,8 @@ def main(argv=None) -> int:
     env, rows = run(args)
     print(
         f"machine: {env['machine']}, {env['device']}, {env['dtype']}, {env['threads']} threads, "
-        f"allocator {env['allocator']}, sgemm roof {env['sgemm_gflops']:.1f} GFLOP/s, "
+        f"allocator {env['allocator']}, tf32 {env['tf32']}, cuda graphs {env['cuda_graphs']}, "
+        f"sgemm roof {env['sgemm_gflops']:.1f} GFLOP/s, "
         f"fused training step at {rows[0]['roof_fraction_fused']:.0%} of it"
         if rows
         else "",
