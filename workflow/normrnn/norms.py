@@ -337,8 +337,10 @@ class BatchNormTerm(TermNorm):
             return
         pending, self._pending = self._pending, []
         if self.shared:
-            for mean, stat, t0 in pending:
-                self._update(mean, stat, t0)
+            means, stats = (
+                torch.cat([p[i].mean(0, keepdim=True) for p in pending]) for i in (0, 1)
+            )
+            self._update_in_turn(means, stats)
             return
         self._update(
             torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]), pending[0][2]
@@ -358,6 +360,20 @@ class BatchNormTerm(TermNorm):
         self.running_mean[t0:end].lerp_(mean[:n].to(self.running_mean.dtype), weight)
         self.running_stat[t0:end].lerp_(stat[:n].to(self.running_stat.dtype), weight)
         self.steps_seen.clamp_(min=end)
+
+    @torch.no_grad()
+    def _update_in_turn(self, means, stats):
+        """The shared slot updated with each row in turn, as ``_update`` would one by one
+        (x ← x + w_k (m_k - x), w_k = max(1/count, momentum)), in a few batched ops: x_n =
+        x_0 Π(1 - w_k) + Σ_k w_k m_k Π_{j>k} (1 - w_j)."""
+        counts = self.updates[0] + torch.arange(1, len(means) + 1, device=means.device)
+        w = counts.reciprocal().clamp(min=self.momentum).to(self.running_mean.dtype)
+        keep = torch.cumprod((1 - w).flip(0), 0).flip(0)  # Π_{j>=k} (1 - w_j)
+        coef = (w * torch.cat([keep[1:], keep.new_ones(1)]))[:, None]
+        for buf, rows in ((self.running_mean, means), (self.running_stat, stats)):
+            buf[0] = keep[0] * buf[0] + (coef * rows.to(buf.dtype)).sum(0)
+        self.updates[0] += len(means)
+        self.steps_seen.clamp_(min=1)
 
     def reset_population_statistics(self) -> None:
         self.running_mean.zero_()
