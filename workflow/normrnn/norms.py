@@ -449,13 +449,18 @@ class LinfBatchNorm(L1BatchNorm):
     def statistic(self, centered, w=None):
         n = centered.shape[1]
         size = centered.abs() if w is None else centered.abs() * w  # padded: 0, never on top
-        top = size.topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
+        if self.k == 1:  # the same number as topk's, from a plain reduction (faster, on GPU)
+            top = size.amax(1, keepdim=True)
+        else:
+            top = size.topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
         return (linf_constant(n) if w is None else linf_constant(w.sum(1, keepdim=True))) * top
 
     def denominator_grad(self, centered, den):
         n = centered.shape[0]
         k = min(self.k, n)
-        top = torch.zeros_like(centered).scatter_(0, centered.abs().topk(k, dim=0).indices, 1.0)
+        size = centered.abs()
+        where = size.argmax(0, keepdim=True) if k == 1 else size.topk(k, dim=0).indices
+        top = torch.zeros_like(centered).scatter_(0, where, 1.0)
         return linf_constant(n) / k * centered.sign() * top
 
 
