@@ -252,6 +252,23 @@ def test_invalid_norm_options_are_refused():
     assert math.isfinite(tanh_variance(3.0))
 
 
+def test_shared_statistics_update_in_turn_by_hand():
+    """Rows given at once update the shared slot as a hand loop of x += w (m - x) with
+    w = max(1/count, momentum), in float64, from a slot that has seen updates before."""
+    bn = term("bn_shared", features=3, groups=1, momentum=0.2).double()
+    bn.updates[0] = 2
+    bn.running_mean[0] = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    means, stats = torch.randn(7, 3, dtype=torch.float64), torch.rand(7, 3, dtype=torch.float64)
+    x, v = bn.running_mean[0].clone(), bn.running_stat[0].clone()
+    for k in range(7):
+        w = max(1 / (3 + k), 0.2)
+        x, v = x + w * (means[k] - x), v + w * (stats[k] - v)
+    bn._update_shared(means, stats)
+    torch.testing.assert_close(bn.running_mean[0], x)
+    torch.testing.assert_close(bn.running_stat[0], v)
+    assert int(bn.updates[0]) == 9 and int(bn.steps_seen) == 1
+
+
 @pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "linfbn"])
 def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     from normrnn.norms import ActivationNorm

@@ -336,11 +336,9 @@ class BatchNormTerm(TermNorm):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        if self.shared:
-            means, stats = (
-                torch.cat([p[i].mean(0, keepdim=True) for p in pending]) for i in (0, 1)
-            )
-            self._update_in_turn(means, stats)
+        if self.shared:  # one update per step, in turn
+            rows = [torch.cat([p[i].mean(0, keepdim=True) for p in pending]) for i in (0, 1)]
+            self._update_shared(*rows)
             return
         self._update(
             torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]), pending[0][2]
@@ -349,7 +347,7 @@ class BatchNormTerm(TermNorm):
     @torch.no_grad()
     def _update(self, mean, stat, t0):
         if self.shared:
-            mean, stat, t0 = mean.mean(0, keepdim=True), stat.mean(0, keepdim=True), 0
+            return self._update_shared(mean.mean(0, keepdim=True), stat.mean(0, keepdim=True))
         end = min(t0 + mean.shape[0], self.running_mean.shape[0])
         if end <= t0:
             return
@@ -362,10 +360,10 @@ class BatchNormTerm(TermNorm):
         self.steps_seen.clamp_(min=end)
 
     @torch.no_grad()
-    def _update_in_turn(self, means, stats):
-        """The shared slot updated with each row in turn, as ``_update`` would one by one
-        (x ← x + w_k (m_k - x), w_k = max(1/count, momentum)), in a few batched ops: x_n =
-        x_0 Π(1 - w_k) + Σ_k w_k m_k Π_{j>k} (1 - w_j)."""
+    def _update_shared(self, means, stats):
+        """The shared slot updated with each row in turn (x ← x + w_k (m_k - x), w_k =
+        max(1/count, momentum)) in a few batched ops: x_n = x_0 Π(1 - w_k) + Σ_k w_k m_k
+        Π_{j>k} (1 - w_j)."""
         counts = self.updates[0] + torch.arange(1, len(means) + 1, device=means.device)
         w = counts.reciprocal().clamp(min=self.momentum).to(self.running_mean.dtype)
         keep = torch.cumprod((1 - w).flip(0), 0).flip(0)  # Π_{j>=k} (1 - w_j)

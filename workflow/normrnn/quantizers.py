@@ -133,8 +133,8 @@ def alternating(w: torch.Tensor, bits: int, iters: int = 3) -> torch.Tensor:
         residual = residual - a * b
     alpha = torch.stack(alphas)
     B = torch.stack(codes, 1)
-    levels = list(itertools.product([-1.0, 1.0], repeat=bits))
-    combos = torch.tensor(levels, dtype=flat.dtype, device=flat.device)
+    signs = list(itertools.product([-1.0, 1.0], repeat=bits))
+    combos = torch.tensor(signs, dtype=flat.dtype, device=flat.device)
     for _ in range(iters):
         # least squares through the bits × bits normal equations: the pseudo-inverse gives the
         # same minimum-norm answer on every device (CUDA's lstsq assumes full rank)

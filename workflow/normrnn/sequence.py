@@ -154,53 +154,59 @@ def _terms(rec: Recurrence) -> tuple:
     return tuple(t for t in (rec.hidden, rec.cell) if t is not None)
 
 
-def _backward(entry, body, grads_out) -> tuple:
-    """Runs a backward ``body`` on the output gradients: eagerly after an eager forward, on
-    the graph that belongs to a graphed forward otherwise (captured at its first use), then
-    copies the gradients out of the graph's static outputs (autograd may keep one as a
-    parameter's ``.grad``, and the next replay would overwrite it)."""
-    if entry is None:
-        return tuple(body(*grads_out))
-    grads = graphs.run(entry.children, body, grads_out, entry.terms, warmup=False)[0]
-    return tuple(g if g is None else g.clone() for g in grads)
+def _forward(ctx, kind, body, rec, grad, inputs, saved):
+    """The forward of a sequence Function: runs ``body`` (``_lstm_forward``/``_gru_forward``)
+    on a workspace, through a CUDA graph where one applies, and keeps for the backward the
+    inputs at the indices ``saved`` and all h_t. Returns y and the final state (the last
+    row of each state sequence the body returns before the terms' saved steps)."""
+    xp = inputs[0]
+    key = (kind, *xp.shape, xp.dtype, xp.device)
+    owner = object()
+    ws = POOL.take(key, xp, owner)
+    (*states, terms), used, entry = graphs.run(
+        ws.graphs, partial(body, rec, ws), inputs, _terms(rec), _rec_signature(rec)
+    )
+    hs = states[0]
+    if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
+        ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
+        ctx.terms = terms
+        ctx.save_for_backward(*(used[i] for i in saved), hs)  # on a graph: its static inputs
+    else:
+        POOL.give(key, ws)
+    y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses
+    return y, *(s[-1].clone() for s in states)
+
+
+def _backward(ctx, body, grads_out) -> tuple:
+    """The backward of a sequence Function: ``body`` (``_lstm_backward``/``_gru_backward``)
+    on the forward's workspace, eagerly after an eager forward, else on the graph that
+    belongs to the forward's (captured at its first use). The gradients are copied out of a
+    graph's static outputs: autograd may keep one as a parameter's ``.grad``, and the next
+    replay would overwrite it."""
+    ws = ctx.ws
+    if not POOL.reclaim(ctx.key, ws, ctx.owner):
+        raise RuntimeError(
+            f"a second backward through the {ctx.key[0].upper()} sequence path after another "
+            "forward of the same shape: its buffers were reused; run it on layer.path = 'loop'"
+        )
+    body = partial(body, ctx.rec, ws, ctx.terms, *ctx.saved_tensors)
+    if ctx.entry is None:
+        grads = body(*grads_out)
+    else:
+        grads = graphs.run(ctx.entry.children, body, grads_out, warmup=False)[0]
+        grads = [g if g is None else g.clone() for g in grads]
+    POOL.give(ctx.key, ws)
+    return (None, None, *grads)  # rec and grad first
 
 
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
-        steps, batch, gates = xp.shape
-        key = ("lstm", steps, batch, gates // 4, xp.dtype, xp.device)
-        owner = object()
-        ws = POOL.take(key, xp, owner)
-        (hs, cs, terms), used, entry = graphs.run(
-            ws.graphs,
-            partial(_lstm_forward, rec, ws),
-            (xp, w_hh, h0, c0, w_h, b_h, w_c, b_c),
-            _terms(rec),
-            _rec_signature(rec),
-        )
-        if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
-            _, w_hh, _, _, w_h, _, w_c, _ = used  # on a graph: its static inputs
-            ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
-            ctx.terms = terms
-            ctx.save_for_backward(w_hh, w_h, w_c, hs)
-        else:
-            POOL.give(key, ws)
-        y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses
-        return y, hs[-1].clone(), cs[-1].clone()
+    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, h0, c0, w_h, b_h, w_c, b_c
+        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 4, 6))
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT):
-        ws = ctx.ws
-        if not POOL.reclaim(ctx.key, ws, ctx.owner):
-            raise RuntimeError(
-                "a second backward through the LSTM sequence path after another forward of "
-                "the same shape: its buffers were reused; run it on layer.path = 'loop'"
-            )
-        body = partial(_lstm_backward, ctx.rec, ws, ctx.terms, *ctx.saved_tensors)
-        grads = _backward(ctx.entry, body, (d_y, d_hT, d_cT))
-        POOL.give(ctx.key, ws)
-        return (None, *grads)
+        return _backward(ctx, _lstm_backward, (d_y, d_hT, d_cT))
 
 
 def _lstm_forward(rec, ws, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
@@ -298,7 +304,7 @@ def _lstm_backward(rec, ws, terms, w_hh, w_h, w_c, hs, d_y, d_hT, d_cT):
         dc = dc * fs[t]
     d_w = _weight_grad(d_a, d_pre, hs, ws)
     # p and k, no longer needed, hold the terms' products
-    grads = [None, d_pre, d_w, torch.mm(da, w_hh), dc]
+    grads = [d_pre, d_w, torch.mm(da, w_hh), dc]
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
@@ -315,40 +321,12 @@ def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0):
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, xp, w_hh, b_hn, h0, w_h, b_h):
-        steps, batch, gates = xp.shape
-        key = ("gru", steps, batch, gates // 3, xp.dtype, xp.device)
-        owner = object()
-        ws = POOL.take(key, xp, owner)
-        (hs, terms), used, entry = graphs.run(
-            ws.graphs,
-            partial(_gru_forward, rec, ws),
-            (xp, w_hh, b_hn, h0, w_h, b_h),
-            _terms(rec),
-            _rec_signature(rec),
-        )
-        if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
-            _, w_hh, _, _, w_h, _ = used  # on a graph: its static inputs
-            ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
-            ctx.terms = terms
-            ctx.save_for_backward(w_hh, w_h, hs)
-        else:
-            POOL.give(key, ws)
-        y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses
-        return y, hs[-1].clone()
+    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, b_hn, h0, w_h, b_h
+        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 4))
 
     @staticmethod
     def backward(ctx, d_y, d_hT):
-        ws = ctx.ws
-        if not POOL.reclaim(ctx.key, ws, ctx.owner):
-            raise RuntimeError(
-                "a second backward through the GRU sequence path after another forward of "
-                "the same shape: its buffers were reused; run it on layer.path = 'loop'"
-            )
-        body = partial(_gru_backward, ctx.rec, ws, ctx.terms, *ctx.saved_tensors)
-        grads = _backward(ctx.entry, body, (d_y, d_hT))
-        POOL.give(ctx.key, ws)
-        return (None, *grads)
+        return _backward(ctx, _gru_backward, (d_y, d_hT))
 
 
 def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, w_h, b_h):
@@ -427,5 +405,5 @@ def _gru_backward(rec, ws, terms, w_hh, w_h, hs, d_y, d_hT):
         dh = torch.addmm(carry.add_(d_ys[t - 1]) if t else carry, da, w_hh)
     d_w = _weight_grad(d_a, d_hid, hs, ws)
     d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
-    grads = [None, d_pre, d_w, d_b_hn, dh]
+    grads = [d_pre, d_w, d_b_hn, dh]
     return grads + _term_grads(hidden, xhat_h, d_hid, ws("xhat", steps, batch, gates))
