@@ -288,3 +288,26 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     for key, value in deferred.items():
         torch.testing.assert_close(value, immediate[key], msg=key)
     assert int(deferred["h.steps_seen"]) == (1 if norm == "bn_shared" else 6)
+
+
+@pytest.mark.parametrize("norm", ["ln", "rms", "prms", "bn", "bn_shared", "l1bn", "linfbn"])
+@pytest.mark.parametrize("training", [True, False])
+def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, training):
+    """The sequence path steps through the input term when ``stepwise`` says that doing so
+    equals normalizing the whole block: a term that claims it must keep the promise, and
+    shared batch statistics (over all steps of a block, in training) must not claim it."""
+    torch.manual_seed(0)
+    x = term(norm, features=8, groups=2, max_steps=5).double()
+    a = torch.randn(5, 16, 8, dtype=torch.float64) * torch.linspace(0.5, 3, 5)[:, None, None]
+    x(torch.randn(5, 16, 8, dtype=torch.float64))  # population statistics for eval mode
+    x.train(training)
+    with torch.no_grad():
+        block = x(a, 0)
+        steps = torch.stack([x.affine(x.step(a[t], t)[0]) for t in range(5)])
+    if hasattr(x, "flush"):
+        x._pending.clear()
+    if x.stepwise:
+        torch.testing.assert_close(steps, block, rtol=1e-10, atol=1e-12)
+    else:
+        assert norm == "bn_shared" and training
+        assert not torch.allclose(steps, block, atol=1e-3)

@@ -121,11 +121,15 @@ class RecurrentLayer(nn.Module):
         fast = self.recorded is None and not torch.is_autocast_enabled(x.device.type)
         if fast and self.path == "fused":
             return self.fused(x, state, w_ih, w_hh)
-        xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
-        if fast and self.path == "sequence" and mask is None:
-            y, state = self.sequence(self.norm.recurrence(), xp, w_hh, state)
+        rec = self.norm.recurrence() if fast and self.path == "sequence" and mask is None else None
+        if rec is not None and rec.input is not None:  # normalized inside the recurrence
+            y, state = self.sequence(rec, F.linear(x, w_ih), w_hh, state, self.bias)
         else:
-            y, state = self.loop(xp, state, w_hh, mask)
+            xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
+            if rec is not None:
+                y, state = self.sequence(rec, xp, w_hh, state)
+            else:
+                y, state = self.loop(xp, state, w_hh, mask)
         self.norm.end_sequence()
         return y, state
 
@@ -170,8 +174,8 @@ class LSTMLayer(RecurrentLayer):
         )
         return y, (h[0], c[0])
 
-    def sequence(self, rec, xp, w_hh, state):
-        return lstm_sequence(rec, xp, w_hh, *state)
+    def sequence(self, rec, xp, w_hh, state, bias=None):
+        return lstm_sequence(rec, xp, w_hh, *state, bias=bias)
 
     def step(self, xt, state, w_hh, t, mask=None):
         h, c = state
@@ -202,8 +206,8 @@ class GRULayer(RecurrentLayer):
         y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False)
         return y, (h[0],)
 
-    def sequence(self, rec, xp, w_hh, state):
-        return gru_sequence(rec, xp, w_hh, self.bias_hn, *state)
+    def sequence(self, rec, xp, w_hh, state, bias=None):
+        return gru_sequence(rec, xp, w_hh, self.bias_hn, *state, bias=bias)
 
     def step(self, xt, state, w_hh, t, mask=None):
         (h,) = state

@@ -119,6 +119,12 @@ class TermNorm(nn.Module):
     def has_step(self) -> bool:
         return type(self).step is not TermNorm.step
 
+    @property
+    def stepwise(self) -> bool:
+        """Whether normalizing a block of steps equals normalizing each step alone (then the
+        sequence path may step through the input term too)."""
+        return True
+
 
 class _GroupNorm(TermNorm):
     """Normalizes each gate block with the torch function ``normalize``, then the gains."""
@@ -275,6 +281,11 @@ class BatchNormTerm(TermNorm):
         (B, F)) from the class that defines its ``statistic``, or the layer loops."""
         owner = next(c for c in type(self).__mro__ if "statistic" in vars(c))
         return owner is BatchNormTerm or "denominator_grad" in vars(owner)
+
+    @property
+    def stepwise(self) -> bool:
+        """In training, shared statistics of a block are taken over all its steps at once."""
+        return not (self.shared and self.training)
 
     def step(self, a, t):
         if not self.training:
@@ -502,13 +513,17 @@ class ActivationNorm(CellNorm):
         return term(a.unsqueeze(0), t, mask)[0]
 
     def end_sequence(self):
-        for term in (self.h, self.c):
+        for term in (self.x, self.h, self.c):
             if isinstance(term, BatchNormTerm):
                 term.flush()
 
     def recurrence(self):
         if all(term is None or term.has_step for term in (self.h, self.c)):
-            return Recurrence(hidden=self.h, cell=self.c)
+            return Recurrence(
+                input=self.x if self.x.has_step and self.x.stepwise else None,
+                hidden=self.h,
+                cell=self.c,
+            )
         return None
 
 

@@ -11,9 +11,13 @@ projection, which stays in autograd, vectorized over all steps):
   it, and the parameter gradients after it: ``dW_h`` as one matmul over all steps;
 * intermediate buffers from a :class:`WorkspacePool`, reused between calls.
 
-The per-step normalizations come from a :class:`Recurrence`: the norm's hidden term and
-``c_t`` term (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
-fixed scales of normalization propagation. Tests hold this path to the step loop (outputs,
+The per-step normalizations come from a :class:`Recurrence`: the norm's input, hidden and
+``c_t`` terms (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
+fixed scales of normalization propagation. The input term is normalized inside the loop, one
+step at a time, although it does not depend on the recurrence: normalized as one block
+before the loop, it took three more passes over a (T, B, gates·H) tensor each way, each
+into freshly allocated memory, which cost more than the per-step calls (the README's
+benchmark section has the figures). Tests hold this path to the step loop (outputs,
 gradients, population statistics) and its backward to finite differences (``gradcheck``).
 """
 
@@ -30,11 +34,14 @@ from . import graphs
 
 @dataclass(frozen=True)
 class Recurrence:
-    """What a step does besides the plain cell: ``hidden`` normalizes ``W_h h_{t-1}``
-    and ``cell`` normalizes ``c_t`` (term modules, None = identity); the cell input is
+    """What a step does besides the plain cell: ``input`` normalizes ``W_x x_t``,
+    ``hidden`` normalizes ``W_h h_{t-1}`` and ``cell`` normalizes ``c_t`` (term modules,
+    None = identity; ``input`` only where normalizing each step alone is the same as
+    normalizing the whole block, see ``TermNorm.stepwise``); the cell input is
     ``candidate_scale · tanh(g)`` and the output ``h_t = σ(o) · output_scale ·
     tanh(cell_scale · c_t)`` (normalization propagation's fixed rescaling)."""
 
+    input: nn.Module | None = None
     hidden: nn.Module | None = None
     cell: nn.Module | None = None
     candidate_scale: float = 1.0
@@ -42,19 +49,56 @@ class Recurrence:
     output_scale: float = 1.0
 
 
-def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0):
-    """Runs the LSTM over ``xp`` (T, B, 4H), the input term with its bias, from ``(h0, c0)``.
-    Returns the outputs (T, B, H) and the final ``(h, c)``."""
-
-    y, h, c = _LSTMSequence.apply(
-        rec, torch.is_grad_enabled(), xp, w_hh, h0, c0, *_params(rec.hidden), *_params(rec.cell)
-    )
+def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0, bias=None):
+    """Runs the LSTM over ``xp`` (T, B, 4H) from ``(h0, c0)``: the input term with its bias,
+    or with ``rec.input``, ``W_x x`` before its normalization and ``bias``. Returns the
+    outputs (T, B, H) and the final ``(h, c)``."""
+    terms = (*_input_params(rec, bias), *_params(rec.hidden), *_params(rec.cell))
+    y, h, c = _LSTMSequence.apply(rec, torch.is_grad_enabled(), xp, w_hh, h0, c0, *terms)
     return y, (h, c)
 
 
 def _params(term) -> tuple:
     """A term's gains and shift, the tensors autograd must see as the Function's inputs."""
     return (None, None) if term is None else (term.weight, term.bias)
+
+
+def _input_params(rec: Recurrence, bias) -> tuple:
+    """The input term's bias, gains and shift: none of them without ``rec.input`` (then
+    the bias is already in ``xp``)."""
+    if rec.input is None:
+        if bias is not None:
+            raise ValueError("a separate bias goes with an input term; add it to xp instead")
+        return (None, None, None)
+    return (bias, *_params(rec.input))
+
+
+def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> torch.Tensor:
+    """Step ``t``'s input term: ``xs[t]``, or with ``rec.input``, ``bias + w_x x̂ + b_x``
+    written into ``out`` (and what its backward needs appended to ``saved`` and ``xhat``)."""
+    if rec.input is None:
+        return xs[t]
+    xx, s = rec.input.step(xs[t], t)
+    saved.append(s)
+    xhat.append(xx)
+    if bias is None:
+        torch.mul(xx, w_x, out=out)
+    else:
+        torch.addcmul(bias, xx, w_x, out=out)
+    return out if b_x is None else out.add_(b_x)
+
+
+def _input_grads(rec, saved: list, w_x, d_pre, xhat: list, spare) -> list:
+    """The gradients of ``xp`` (``d_pre`` itself without ``rec.input``, never a workspace
+    buffer then), the bias and the input term's gains and shift, from ``d_pre``, the
+    gradient of the steps' input terms; ``spare`` a buffer of its shape."""
+    if rec.input is None:
+        return [d_pre, None, None, None]
+    d_xs = [
+        rec.input.step_backward(d * w_x, s) for d, s in zip(d_pre.unbind(0), saved, strict=True)
+    ]
+    bias = d_pre.sum((0, 1))
+    return [torch.stack(d_xs), bias, *_term_grads(rec.input, xhat, d_pre, spare)]
 
 
 def _affine(xhat, weight, bias):
@@ -146,12 +190,14 @@ def _tanh_into(x: torch.Tensor) -> torch.Tensor:
 
 def _rec_signature(rec: Recurrence) -> tuple:
     """What a graph of ``rec``'s loops depends on besides its tensor inputs."""
-    terms = tuple(None if t is None else (id(t), t.training) for t in (rec.hidden, rec.cell))
+    terms = tuple(
+        None if t is None else (id(t), t.training) for t in (rec.input, rec.hidden, rec.cell)
+    )
     return terms + (rec.candidate_scale, rec.cell_scale, rec.output_scale)
 
 
 def _terms(rec: Recurrence) -> tuple:
-    return tuple(t for t in (rec.hidden, rec.cell) if t is not None)
+    return tuple(t for t in (rec.input, rec.hidden, rec.cell) if t is not None)
 
 
 def _forward(ctx, kind, body, rec, grad, inputs, saved):
@@ -201,15 +247,15 @@ def _backward(ctx, body, grads_out) -> tuple:
 
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, h0, c0, w_h, b_h, w_c, b_c
-        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 4, 6))
+    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, h0, c0, bias, w_x, b_x, w_h, b_h, w_c, b_c
+        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 5, 7, 9))
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT):
         return _backward(ctx, _lstm_backward, (d_y, d_hT, d_cT))
 
 
-def _lstm_forward(rec, ws, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
+def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_x, b_x, w_h, b_h, w_c, b_c):
     """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps."""
     steps, batch, gates = xp.shape
     size = gates // 4
@@ -220,7 +266,7 @@ def _lstm_forward(rec, ws, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
     hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
     hs[0], cs[0] = h0, c0
     hidden, cell = rec.hidden, rec.cell
-    saved_h, saved_c, xhat_h, xhat_c = [], [], [], []
+    saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c = [], [], [], [], [], []
     pre_g = pre[:, 2 * size : 3 * size]
     i, f, g, o = (v.unbind(0) for v in act.chunk(4, 2))
     xs, acts, tc, h_out, c_out = (v.unbind(0) for v in (xp, act, tcs, hs[1:], cs[1:]))
@@ -228,13 +274,14 @@ def _lstm_forward(rec, ws, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
     h, c = hs[0], cs[0]
     for t in range(steps):
         a = torch.mm(h, wt)
+        x_t = _input_step(rec, xs, t, bias, w_x, b_x, pre, saved_x, xhat_x)
         if hidden is None:
-            torch.add(xs[t], a, out=pre)
+            torch.add(x_t, a, out=pre)
         else:
             xh, s = hidden.step(a, t)
             saved_h.append(s)
             xhat_h.append(xh)
-            torch.addcmul(xs[t], xh, w_h, out=pre)
+            torch.addcmul(x_t, xh, w_h, out=pre)
             if b_h is not None:
                 pre.add_(b_h)
         pre_g.mul_(2)
@@ -253,13 +300,13 @@ def _lstm_forward(rec, ws, xp, w_hh, h0, c0, w_h, b_h, w_c, b_c):
         h = torch.mul(o[t], tc[t], out=h_out[t])
         if rec.output_scale != 1.0:
             h.mul_(rec.output_scale)
-    return hs, cs, (saved_h, saved_c, xhat_h, xhat_c)
+    return hs, cs, (saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c)
 
 
-def _lstm_backward(rec, ws, terms, w_hh, w_h, w_c, hs, d_y, d_hT, d_cT):
+def _lstm_backward(rec, ws, terms, w_hh, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
     """The backward of :func:`_lstm_forward`: the gradients of the Function's inputs."""
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
-    saved_h, saved_c, xhat_h, xhat_c = terms
+    saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c = terms
     steps, batch, gates = act.shape
     size = gates // 4
     i, f, g, o = act.chunk(4, 2)
@@ -277,7 +324,8 @@ def _lstm_backward(rec, ws, terms, w_hh, w_h, w_c, hs, d_y, d_hT, d_cT):
     torch.mul(g, g, out=p_g).sub_(1).mul_(i).mul_(-rec.candidate_scale)
     torch.addcmul(o, o, o, value=-1, out=p_o).mul_(tcs).mul_(rec.output_scale)
 
-    d_pre = torch.empty_like(act)  # a gradient: never a workspace buffer
+    # the pre-activations' gradient; xp's without an input term: never a workspace buffer then
+    d_pre = torch.empty_like(act) if rec.input is None else ws("d_pre", *act.shape)
     blocks = (steps, batch, 4, size)
     dp_ifg, dp_o = d_pre.view(blocks)[:, :, :3].unbind(0), d_pre.view(blocks)[:, :, 3].unbind(0)
     p_ifg, p_o = p.view(blocks)[:, :, :3].unbind(0), p.view(blocks)[:, :, 3].unbind(0)
@@ -304,42 +352,43 @@ def _lstm_backward(rec, ws, terms, w_hh, w_h, w_c, hs, d_y, d_hT, d_cT):
         dc = dc * fs[t]
     d_w = _weight_grad(d_a, d_pre, hs, ws)
     # p and k, no longer needed, hold the terms' products
-    grads = [d_pre, d_w, torch.mm(da, w_hh), dc]
+    d_x, *d_input = _input_grads(rec, saved_x, w_x, d_pre, xhat_x, p)
+    grads = [d_x, d_w, torch.mm(da, w_hh), dc, *d_input]
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
-def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0):
-    """Runs the GRU (``cells.GRULayer``'s form) over ``xp`` (T, B, 3H), the input term with
-    its biases, from ``h0``; ``b_hn`` is the recurrent bias inside the reset gate. The
-    recurrence's ``cell`` and cell scales do not apply to the GRU. Returns the outputs and
-    the final ``(h,)``."""
-    y, h = _GRUSequence.apply(
-        rec, torch.is_grad_enabled(), xp, w_hh, b_hn, h0, *_params(rec.hidden)
-    )
+def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0, bias=None):
+    """Runs the GRU (``cells.GRULayer``'s form) over ``xp`` (T, B, 3H) from ``h0``: the input
+    term with its biases, or with ``rec.input``, ``W_x x`` before its normalization and
+    ``bias``; ``b_hn`` is the recurrent bias inside the reset gate. The recurrence's ``cell``
+    and cell scales do not apply to the GRU. Returns the outputs and the final ``(h,)``."""
+    terms = (*_input_params(rec, bias), *_params(rec.hidden))
+    y, h = _GRUSequence.apply(rec, torch.is_grad_enabled(), xp, w_hh, b_hn, h0, *terms)
     return y, (h,)
 
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, b_hn, h0, w_h, b_h
-        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 4))
+    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, b_hn, h0, bias, w_x, b_x, w_h, b_h
+        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 5, 7))
 
     @staticmethod
     def backward(ctx, d_y, d_hT):
         return _backward(ctx, _gru_backward, (d_y, d_hT))
 
 
-def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, w_h, b_h):
+def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, bias, w_x, b_x, w_h, b_h):
     """The forward loop: returns all h_t (from h0) and the hidden term's saved steps."""
     steps, batch, gates = xp.shape
     size = gates // 3
     act = ws("act", steps, batch, gates)  # σ(r), σ(z), tanh(u) (unscaled)
     hnb = ws("hnb", steps, batch, size)  # the recurrent n term with its bias
     pre = ws("pre", batch, 2 * size)
+    xin = ws("xin", batch, gates)  # this step's normalized input term
     hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
     hs[0] = h0
     hidden = rec.hidden
-    saved_h, xhat_h = [], []
+    saved_x, saved_h, xhat_x, xhat_h = [], [], [], []
     r, z, n = (v.unbind(0) for v in act.chunk(3, 2))
     xs, acts, hnbs, h_out = (v.unbind(0) for v in (xp, act, hnb, hs[1:]))
     wt = w_hh.t()
@@ -351,7 +400,8 @@ def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, w_h, b_h):
             saved_h.append(s)
             xhat_h.append(xh)
             a = _affine(xh, w_h, b_h)
-        x_rz, x_n = xs[t].split([2 * size, size], 1)
+        x_t = _input_step(rec, xs, t, bias, w_x, b_x, xin, saved_x, xhat_x)
+        x_rz, x_n = x_t.split([2 * size, size], 1)
         a_rz, a_n = a.split([2 * size, size], 1)
         torch.add(x_rz, a_rz, out=pre)
         torch.sigmoid(pre, out=acts[t][:, : 2 * size])
@@ -361,14 +411,14 @@ def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, w_h, b_h):
             nt = nt * rec.candidate_scale
         # h' = n + z (h - n)
         h = torch.addcmul(nt, z[t], h - nt, out=h_out[t])
-    return hs, (saved_h, xhat_h)
+    return hs, (saved_x, saved_h, xhat_x, xhat_h)
 
 
-def _gru_backward(rec, ws, terms, w_hh, w_h, hs, d_y, d_hT):
+def _gru_backward(rec, ws, terms, w_hh, w_x, w_h, hs, d_y, d_hT):
     """The backward of :func:`_gru_forward`: the gradients of the Function's inputs."""
     hidden = rec.hidden
     act, hnb = ws.buffers["act"], ws.buffers["hnb"]
-    saved_h, xhat_h = terms
+    saved_x, saved_h, xhat_x, xhat_h = terms
     steps, batch, gates = act.shape
     size = gates // 3
     r, z, n = act.chunk(3, 2)
@@ -382,7 +432,8 @@ def _gru_backward(rec, ws, terms, w_hh, w_h, hs, d_y, d_hT):
     torch.add(hs[:-1], n, alpha=-s_g, out=q_z)
     q_z.mul_(torch.addcmul(z, z, z, value=-1))
 
-    d_pre = torch.empty_like(act)  # a gradient for xp: never a workspace buffer
+    # the input term's gradient; xp's without an input term: never a workspace buffer then
+    d_pre = torch.empty_like(act) if rec.input is None else ws("d_pre", *act.shape)
     d_hid = ws("d_hid", steps, batch, gates)  # the gradient for the (normalized) W_h h
     d_ys, k_us, q_rs, q_zs, rs, zs = (v.unbind(0) for v in (d_y, k_u, q_r, q_z, r, z))
     d_r, d_z, d_u = (v.unbind(0) for v in d_pre.chunk(3, 2))
@@ -405,5 +456,7 @@ def _gru_backward(rec, ws, terms, w_hh, w_h, hs, d_y, d_hT):
         dh = torch.addmm(carry.add_(d_ys[t - 1]) if t else carry, da, w_hh)
     d_w = _weight_grad(d_a, d_hid, hs, ws)
     d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
-    grads = [d_pre, d_w, d_b_hn, dh]
-    return grads + _term_grads(hidden, xhat_h, d_hid, ws("xhat", steps, batch, gates))
+    spare = ws("xhat", steps, batch, gates)
+    d_x, *d_input = _input_grads(rec, saved_x, w_x, d_pre, xhat_x, spare)
+    grads = [d_x, d_w, d_b_hn, dh, *d_input]
+    return grads + _term_grads(hidden, xhat_h, d_hid, spare)
