@@ -16,6 +16,19 @@ def test_saved_bytes_counts_what_autograd_keeps():
     assert bench.saved_bytes(lambda: torch.tanh(x @ w)) == expected
 
 
+def test_saved_bytes_counts_the_sequence_paths_own_buffers():
+    """The sequence path keeps its activations in a workspace beside autograd: a memory
+    figure without them would favour it. At least the gates (T, B, 4H), c_t, tanh(c_t) and
+    h_t must count (here ~3x what the layer's autograd tensors come to)."""
+    from normrnn.cells import LSTMLayer
+
+    layer = LSTMLayer(2, 16, norm="normprop", max_steps=10)
+    assert layer.path == "sequence"
+    t, b, h = 10, 8, 16
+    floats = t * b * 4 * h + (t + 1) * b * h + t * b * h + (t + 1) * b * h
+    assert bench.saved_bytes(lambda: layer(torch.randn(t, b, 2))[0].sum()) >= 4 * floats
+
+
 def test_step_flops_by_hand():
     # LSTM: 4 gates × H outputs × (I + H) inputs × 2 flops × T × B, and ×3 for backward
     assert bench.step_flops("lstm", 3, 5, 7, 11) == 3 * 2 * 11 * 7 * 8 * 4 * 5

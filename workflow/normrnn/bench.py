@@ -61,7 +61,8 @@ def step_flops(cell, inp, hidden, batch, steps) -> float:
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during ``fn()``."""
+    """Bytes of the distinct tensors kept for backward by ``fn()``'s graph: those autograd
+    saves, and those the sequence path keeps beside it (its workspace and the terms' steps)."""
     seen = {}
 
     def pack(t):
@@ -71,8 +72,32 @@ def saved_bytes(fn) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    for node in _graph_nodes(out.grad_fn):
+        if hasattr(node, "ws"):  # a sequence Function's context (sequence._forward)
+            for t in _tensors((list(node.ws.buffers.values()), node.terms)):
+                pack(t)
     del out
     return sum(seen.values())
+
+
+def _graph_nodes(root) -> list:
+    nodes, todo, seen = [], [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return nodes
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors(item)
 
 
 def time_pair(f_base, f_var, device, warmup, repeats):
