@@ -311,3 +311,23 @@ def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, training):
     else:
         assert norm == "bn_shared" and training
         assert not torch.allclose(steps, block, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["l1bn", "linfbn"])
+def test_batch_norm_step_backward_matches_autograd_with_ties_and_constant_columns(norm):
+    """The hand-written step backward against autograd through the block form, in float64,
+    on the inputs sequential MNIST gives the input term: exact ties for the largest |x - μ|
+    (pixels at exactly 1.0) and columns constant over the batch (corners always 0)."""
+    x = term(norm, features=8, groups=2, max_steps=1).double()
+    a = torch.randn(16, 8, dtype=torch.float64)
+    a[:, 0] = 0.0  # constant column
+    a[:5, 1], a[5:, 1] = 1.0, 0.0  # five tied maxima
+    a[[2, 9], 2] = a[:, 2].abs().max() + 1  # two tied maxima
+    a = a.requires_grad_()
+    gy = torch.randn(16, 8, dtype=torch.float64)
+    (expect,) = torch.autograd.grad(x(a[None], 0)[0], a, gy)
+    x._pending.clear()
+    with torch.no_grad():
+        xhat, saved = x.step(a, 0)
+        got = x.step_backward(gy * x.weight, saved)
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)

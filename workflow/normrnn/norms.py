@@ -277,10 +277,10 @@ class BatchNormTerm(TermNorm):
     @property
     def has_step(self) -> bool:
         """The L2 statistic steps through torch's kernel; another estimator needs
-        ``denominator_grad`` (d denominator / d centered for one unmasked step, ``centered``
-        (B, F)) from the class that defines its ``statistic``, or the layer loops."""
+        ``sub_denominator_grad`` from the class that defines its ``statistic``, or the
+        layer loops."""
         owner = next(c for c in type(self).__mro__ if "statistic" in vars(c))
-        return owner is BatchNormTerm or "denominator_grad" in vars(owner)
+        return owner is BatchNormTerm or "sub_denominator_grad" in vars(owner)
 
     @property
     def stepwise(self) -> bool:
@@ -317,9 +317,14 @@ class BatchNormTerm(TermNorm):
                 gx, a, None, None, None, mean, invstd, True, self.eps, mask
             )[0]
         centered, den, xhat = saved
-        dot = (gx * xhat).sum(0, keepdim=True)
-        du = (gx - dot * self.denominator_grad(centered, den)) / den
+        coef = (gx * xhat).sum(0, keepdim=True).div_(den)  # -dL/d den
+        du = self.sub_denominator_grad(gx / den, coef, centered)
         return du - du.mean(0, keepdim=True)
+
+    def sub_denominator_grad(self, du, coef, centered):
+        """``du - coef · ∂den/∂centered`` in place, for one unmasked step: ``centered`` is
+        (B, F), ``coef`` (1, F), and each feature's denominator depends on its column only."""
+        raise NotImplementedError
 
     def _slots(self, t0, steps, device):
         if self.shared:
@@ -433,8 +438,9 @@ class L1BatchNorm(BatchNormTerm):
     def denominator(self, stat):
         return stat + self.eps
 
-    def denominator_grad(self, centered, den):
-        return math.sqrt(math.pi / 2) / centered.shape[0] * centered.sign()
+    def sub_denominator_grad(self, du, coef, centered):
+        scale = coef * (math.sqrt(math.pi / 2) / centered.shape[0])
+        return du.sub_(centered.sign().mul_(scale))
 
 
 def linf_constant(n):
@@ -464,13 +470,22 @@ class LinfBatchNorm(L1BatchNorm):
             top = size.topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
         return (linf_constant(n) if w is None else linf_constant(w.sum(1, keepdim=True))) * top
 
-    def denominator_grad(self, centered, den):
+    def sub_denominator_grad(self, du, coef, centered):
+        """Only the k largest |centered| of each column enter the denominator. With k = 1,
+        the rows equal to the column's maximum (ties share it, as amax's gradient does;
+        argmax over the batch dimension is several times slower than the whole step);
+        otherwise a scatter onto the top k rows."""
         n = centered.shape[0]
         k = min(self.k, n)
         size = centered.abs()
-        where = size.argmax(0, keepdim=True) if k == 1 else size.topk(k, dim=0).indices
-        top = torch.zeros_like(centered).scatter_(0, where, 1.0)
-        return linf_constant(n) / k * centered.sign() * top
+        scale = coef * (linf_constant(n) / k)
+        if k == 1:  # u = ±1 exactly where |centered| is the maximum, |u| < 1 elsewhere
+            u = centered / size.amax(0, keepdim=True).clamp_min_(torch.finfo(size.dtype).tiny)
+            hit = torch.mul(u, u).floor_()  # (float ops: bool masks and trunc are slow here)
+            scale = scale / hit.sum(0, keepdim=True).clamp_min_(1)
+            return du.addcmul_(u.mul_(hit), scale, value=-1)
+        where = size.topk(k, dim=0).indices
+        return du.scatter_add_(0, where, centered.gather(0, where).sign_().mul_(scale).neg_())
 
 
 # --------------------------------------------------------------------------- cell norms
