@@ -122,8 +122,8 @@ class RecurrentLayer(nn.Module):
         if fast and self.path == "fused":
             return self.fused(x, state, w_ih, w_hh)
         rec = self.norm.recurrence() if fast and self.path == "sequence" and mask is None else None
-        if rec is not None and rec.input is not None:  # normalized inside the recurrence
-            y, state = self.sequence(rec, F.linear(x, w_ih), w_hh, state, self.bias)
+        if rec is not None and rec.input is not None:  # projected and normalized inside
+            y, state = self.sequence(rec, x, w_hh, state, self.bias, w_ih)
         else:
             xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
             if rec is not None:
@@ -174,8 +174,8 @@ class LSTMLayer(RecurrentLayer):
         )
         return y, (h[0], c[0])
 
-    def sequence(self, rec, xp, w_hh, state, bias=None):
-        return lstm_sequence(rec, xp, w_hh, *state, bias=bias)
+    def sequence(self, rec, xp, w_hh, state, bias=None, w_ih=None):
+        return lstm_sequence(rec, xp, w_hh, *state, bias=bias, w_ih=w_ih)
 
     def step(self, xt, state, w_hh, t, mask=None):
         h, c = state
@@ -206,8 +206,8 @@ class GRULayer(RecurrentLayer):
         y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False)
         return y, (h[0],)
 
-    def sequence(self, rec, xp, w_hh, state, bias=None):
-        return gru_sequence(rec, xp, w_hh, self.bias_hn, *state, bias=bias)
+    def sequence(self, rec, xp, w_hh, state, bias=None, w_ih=None):
+        return gru_sequence(rec, xp, w_hh, self.bias_hn, *state, bias=bias, w_ih=w_ih)
 
     def step(self, xt, state, w_hh, t, mask=None):
         (h,) = state

@@ -49,11 +49,12 @@ class Recurrence:
     output_scale: float = 1.0
 
 
-def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0, bias=None):
-    """Runs the LSTM over ``xp`` (T, B, 4H) from ``(h0, c0)``: the input term with its bias,
-    or with ``rec.input``, ``W_x x`` before its normalization and ``bias``. Returns the
-    outputs (T, B, H) and the final ``(h, c)``."""
-    terms = (*_input_params(rec, bias), *_params(rec.hidden), *_params(rec.cell))
+def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0, bias=None, w_ih=None):
+    """Runs the LSTM over ``xp`` (T, B, 4H), the input term with its bias, from ``(h0, c0)``;
+    with ``rec.input``, ``xp`` is the layer's input x (T, B, I), projected by ``w_ih`` and
+    normalized inside, then ``bias`` added. Returns the outputs (T, B, H) and the final
+    ``(h, c)``."""
+    terms = (*_input_params(rec, bias, w_ih), *_params(rec.hidden), *_params(rec.cell))
     y, h, c = _LSTMSequence.apply(rec, torch.is_grad_enabled(), xp, w_hh, h0, c0, *terms)
     return y, (h, c)
 
@@ -63,14 +64,24 @@ def _params(term) -> tuple:
     return (None, None) if term is None else (term.weight, term.bias)
 
 
-def _input_params(rec: Recurrence, bias) -> tuple:
-    """The input term's bias, gains and shift: none of them without ``rec.input`` (then
-    the bias is already in ``xp``)."""
-    if rec.input is None:
-        if bias is not None:
-            raise ValueError("a separate bias goes with an input term; add it to xp instead")
-        return (None, None, None)
-    return (bias, *_params(rec.input))
+def _input_params(rec: Recurrence, bias, w_ih) -> tuple:
+    """The bias, the input weights and the input term's gains and shift: none of them
+    without ``rec.input`` (then ``xp`` is the whole input term, bias included)."""
+    if (rec.input is None) != (w_ih is None) or (rec.input is None and bias is not None):
+        raise ValueError(
+            "the input weights and a separate bias go with an input term (rec.input), "
+            "and only with one"
+        )
+    return (None, None, None, None) if w_ih is None else (bias, w_ih, *_params(rec.input))
+
+
+def _project(ws, x, w_ih) -> torch.Tensor:
+    """W_x x for all steps, into the workspace (without an input term, ``x`` is that)."""
+    if w_ih is None:
+        return x
+    steps, batch, _ = x.shape
+    out = ws("xp", steps * batch, w_ih.shape[0])
+    return torch.mm(x.reshape(steps * batch, -1), w_ih.t(), out=out).view(steps, batch, -1)
 
 
 def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> torch.Tensor:
@@ -88,17 +99,21 @@ def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> tor
     return out if b_x is None else out.add_(b_x)
 
 
-def _input_grads(rec, saved: list, w_x, d_pre, xhat: list, spare) -> list:
-    """The gradients of ``xp`` (``d_pre`` itself without ``rec.input``, never a workspace
-    buffer then), the bias and the input term's gains and shift, from ``d_pre``, the
-    gradient of the steps' input terms; ``spare`` a buffer of its shape."""
+def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare) -> list:
+    """The gradients of the first input (``d_pre`` itself without ``rec.input``, never a
+    workspace buffer then; else x's, if ``need_x``), the bias, the input weights and the
+    input term's gains and shift, from ``d_pre``, the gradient of the steps' input terms;
+    ``spare`` a buffer of its shape."""
     if rec.input is None:
-        return [d_pre, None, None, None]
+        return [d_pre, None, None, None, None]
     d_xs = [
         rec.input.step_backward(d * w_x, s) for d, s in zip(d_pre.unbind(0), saved, strict=True)
     ]
+    d_xp = torch.stack(d_xs, out=ws("d_xp", *d_pre.shape)).flatten(0, 1)
+    d_x = torch.mm(d_xp, w_ih).view(x.shape) if need_x else None
+    d_w_ih = torch.mm(d_xp.t(), x.reshape(d_xp.shape[0], -1))
     bias = d_pre.sum((0, 1))
-    return [torch.stack(d_xs), bias, *_term_grads(rec.input, xhat, d_pre, spare)]
+    return [d_x, bias, d_w_ih, *_term_grads(rec.input, xhat, d_pre, spare)]
 
 
 def _affine(xhat, weight, bias):
@@ -203,12 +218,13 @@ def _terms(rec: Recurrence) -> tuple:
 def _forward(ctx, kind, body, rec, grad, inputs, saved):
     """The forward of a sequence Function: runs ``body`` (``_lstm_forward``/``_gru_forward``)
     on a workspace, through a CUDA graph where one applies, and keeps for the backward the
-    inputs at the indices ``saved`` and all h_t. Returns y and the final state (the last
-    row of each state sequence the body returns before the terms' saved steps)."""
-    xp = inputs[0]
-    key = (kind, *xp.shape, xp.dtype, xp.device)
+    inputs at the indices ``saved``, the first input with an input term (x), and all h_t.
+    Returns y and the final state (the last row of each state sequence the body returns
+    before the terms' saved steps)."""
+    x, w_hh = inputs[:2]
+    key = (kind, *x.shape, *w_hh.shape, x.dtype, x.device)
     owner = object()
-    ws = POOL.take(key, xp, owner)
+    ws = POOL.take(key, x, owner)
     (*states, terms), used, entry = graphs.run(
         ws.graphs, partial(body, rec, ws), inputs, _terms(rec), _rec_signature(rec)
     )
@@ -216,7 +232,8 @@ def _forward(ctx, kind, body, rec, grad, inputs, saved):
     if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
         ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
         ctx.terms = terms
-        ctx.save_for_backward(*(used[i] for i in saved), hs)  # on a graph: its static inputs
+        x = used[0] if rec.input is not None else None  # on a graph: its static inputs
+        ctx.save_for_backward(x, *(used[i] for i in saved), hs)
     else:
         POOL.give(key, ws)
     y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses
@@ -235,11 +252,12 @@ def _backward(ctx, body, grads_out) -> tuple:
             f"a second backward through the {ctx.key[0].upper()} sequence path after another "
             "forward of the same shape: its buffers were reused; run it on layer.path = 'loop'"
         )
-    body = partial(body, ctx.rec, ws, ctx.terms, *ctx.saved_tensors)
+    need_x = ctx.needs_input_grad[2]  # (the backward's graph differs without dx)
+    body = partial(body, ctx.rec, ws, ctx.terms, need_x, *ctx.saved_tensors)
     if ctx.entry is None:
         grads = body(*grads_out)
     else:
-        grads = graphs.run(ctx.entry.children, body, grads_out, warmup=False)[0]
+        grads = graphs.run(ctx.entry.children, body, grads_out, extra=(need_x,), warmup=False)[0]
         grads = [g if g is None else g.clone() for g in grads]
     POOL.give(ctx.key, ws)
     return (None, None, *grads)  # rec and grad first
@@ -247,16 +265,17 @@ def _backward(ctx, body, grads_out) -> tuple:
 
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, h0, c0, bias, w_x, b_x, w_h, b_h, w_c, b_c
-        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 5, 7, 9))
+    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, h0, c0, bias, w_ih, then gains, shifts
+        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 5, 6, 8, 10))
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT):
         return _backward(ctx, _lstm_backward, (d_y, d_hT, d_cT))
 
 
-def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_x, b_x, w_h, b_h, w_c, b_c):
+def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c):
     """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps."""
+    xp = _project(ws, xp, w_ih)
     steps, batch, gates = xp.shape
     size = gates // 4
     act = ws("act", steps, batch, gates)  # σ(i), σ(f), tanh(g) (unscaled), σ(o)
@@ -303,7 +322,7 @@ def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_x, b_x, w_h, b_h, w_c, b_c)
     return hs, cs, (saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c)
 
 
-def _lstm_backward(rec, ws, terms, w_hh, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
+def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
     """The backward of :func:`_lstm_forward`: the gradients of the Function's inputs."""
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
     saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c = terms
@@ -352,33 +371,35 @@ def _lstm_backward(rec, ws, terms, w_hh, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
         dc = dc * fs[t]
     d_w = _weight_grad(d_a, d_pre, hs, ws)
     # p and k, no longer needed, hold the terms' products
-    d_x, *d_input = _input_grads(rec, saved_x, w_x, d_pre, xhat_x, p)
+    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, p)
     grads = [d_x, d_w, torch.mm(da, w_hh), dc, *d_input]
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
-def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0, bias=None):
-    """Runs the GRU (``cells.GRULayer``'s form) over ``xp`` (T, B, 3H) from ``h0``: the input
-    term with its biases, or with ``rec.input``, ``W_x x`` before its normalization and
-    ``bias``; ``b_hn`` is the recurrent bias inside the reset gate. The recurrence's ``cell``
-    and cell scales do not apply to the GRU. Returns the outputs and the final ``(h,)``."""
-    terms = (*_input_params(rec, bias), *_params(rec.hidden))
+def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0, bias=None, w_ih=None):
+    """Runs the GRU (``cells.GRULayer``'s form) over ``xp`` (T, B, 3H), the input term with
+    its biases, from ``h0`` (with ``rec.input``, x, ``w_ih`` and ``bias`` as for
+    :func:`lstm_sequence`); ``b_hn`` is the recurrent bias inside the reset gate. The
+    recurrence's ``cell`` and cell scales do not apply to the GRU. Returns the outputs and
+    the final ``(h,)``."""
+    terms = (*_input_params(rec, bias, w_ih), *_params(rec.hidden))
     y, h = _GRUSequence.apply(rec, torch.is_grad_enabled(), xp, w_hh, b_hn, h0, *terms)
     return y, (h,)
 
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, b_hn, h0, bias, w_x, b_x, w_h, b_h
-        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 5, 7))
+    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h
+        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 5, 6, 8))
 
     @staticmethod
     def backward(ctx, d_y, d_hT):
         return _backward(ctx, _gru_backward, (d_y, d_hT))
 
 
-def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, bias, w_x, b_x, w_h, b_h):
+def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     """The forward loop: returns all h_t (from h0) and the hidden term's saved steps."""
+    xp = _project(ws, xp, w_ih)
     steps, batch, gates = xp.shape
     size = gates // 3
     act = ws("act", steps, batch, gates)  # σ(r), σ(z), tanh(u) (unscaled)
@@ -414,7 +435,7 @@ def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, bias, w_x, b_x, w_h, b_h):
     return hs, (saved_x, saved_h, xhat_x, xhat_h)
 
 
-def _gru_backward(rec, ws, terms, w_hh, w_x, w_h, hs, d_y, d_hT):
+def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT):
     """The backward of :func:`_gru_forward`: the gradients of the Function's inputs."""
     hidden = rec.hidden
     act, hnb = ws.buffers["act"], ws.buffers["hnb"]
@@ -457,6 +478,6 @@ def _gru_backward(rec, ws, terms, w_hh, w_x, w_h, hs, d_y, d_hT):
     d_w = _weight_grad(d_a, d_hid, hs, ws)
     d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
     spare = ws("xhat", steps, batch, gates)
-    d_x, *d_input = _input_grads(rec, saved_x, w_x, d_pre, xhat_x, spare)
+    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
     grads = [d_x, d_w, d_b_hn, dh, *d_input]
     return grads + _term_grads(hidden, xhat_h, d_hid, spare)
