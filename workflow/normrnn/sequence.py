@@ -2,8 +2,9 @@
 
 The step loop of :class:`~normrnn.cells.RecurrentLayer` builds a dozen autograd nodes per time
 step, and at small sizes their overhead, not arithmetic, sets the speed. Here one
-``torch.autograd.Function`` per cell runs the whole recurrence (everything after the input
-projection, which stays in autograd, vectorized over all steps):
+``torch.autograd.Function`` per cell runs the whole recurrence: everything after the input
+term, or, for a norm with an input term, from the input projection on (one matmul over all
+steps, into the workspace, and one each for its gradients):
 
 * forward, step by step without autograd, keeping what the backward needs;
 * backward, step by step in reverse, with only the work that depends on the next step's
@@ -15,9 +16,9 @@ The per-step normalizations come from a :class:`Recurrence`: the norm's input, h
 ``c_t`` terms (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
 fixed scales of normalization propagation. The input term is normalized inside the loop, one
 step at a time, although it does not depend on the recurrence: normalized as one block
-before the loop, it took three more passes over a (T, B, gates·H) tensor each way, each
-into freshly allocated memory, which cost more than the per-step calls (the README's
-benchmark section has the figures). Tests hold this path to the step loop (outputs,
+before the loop, in autograd, it took three more passes over a (T, B, gates·H) tensor each
+way, each into freshly allocated memory, which cost more than the per-step calls (the
+README's benchmark section has the figures). Tests hold this path to the step loop (outputs,
 gradients, population statistics) and its backward to finite differences (``gradcheck``).
 """
 
