@@ -25,7 +25,7 @@ import torch
 from .cells import CELLS
 from .norms import NORMS
 from .quantizers import QUANTIZERS
-from .sequence import POOL
+from .sequence import POOL, kept_tensors
 
 
 def allocator() -> str:
@@ -73,9 +73,8 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     for node in _graph_nodes(out.grad_fn):
-        if hasattr(node, "ws"):  # a sequence Function's context (sequence._forward)
-            for t in _tensors((list(node.ws.buffers.values()), node.terms)):
-                pack(t)
+        for t in kept_tensors(node):
+            pack(t)
     del out
     return sum(seen.values())
 
@@ -90,14 +89,6 @@ def _graph_nodes(root) -> list:
         nodes.append(node)
         todo.extend(n for n, _ in node.next_functions)
     return nodes
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            yield from _tensors(item)
 
 
 def time_pair(f_base, f_var, device, warmup, repeats):

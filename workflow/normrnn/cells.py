@@ -3,7 +3,8 @@
 Weights use ``torch.nn.LSTM``/``GRU``'s layout and gate order (LSTM: i, f, g, o; GRU: r, z, n)
 so that a plain layer can be compared with, and loaded from, the fused modules. Per sequence
 the weights are quantized (per gate block) and transformed by the norm once; the input
-projection of all steps (and its normalization) is computed before the time loop.
+projection of all steps is one matrix product (normalized before the time loop on the
+``loop`` path, step by step inside it on the ``sequence`` path).
 
 Three paths compute the same function; ``layer.path`` names the one a layer takes:
 
@@ -174,8 +175,8 @@ class LSTMLayer(RecurrentLayer):
         )
         return y, (h[0], c[0])
 
-    def sequence(self, rec, xp, w_hh, state, bias=None, w_ih=None):
-        return lstm_sequence(rec, xp, w_hh, *state, bias=bias, w_ih=w_ih)
+    def sequence(self, rec, x, w_hh, state, bias=None, w_ih=None):
+        return lstm_sequence(rec, x, w_hh, *state, bias=bias, w_ih=w_ih)
 
     def step(self, xt, state, w_hh, t, mask=None):
         h, c = state
@@ -206,8 +207,8 @@ class GRULayer(RecurrentLayer):
         y, h = torch.gru(x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False)
         return y, (h[0],)
 
-    def sequence(self, rec, xp, w_hh, state, bias=None, w_ih=None):
-        return gru_sequence(rec, xp, w_hh, self.bias_hn, *state, bias=bias, w_ih=w_ih)
+    def sequence(self, rec, x, w_hh, state, bias=None, w_ih=None):
+        return gru_sequence(rec, x, w_hh, self.bias_hn, *state, bias=bias, w_ih=w_ih)
 
     def step(self, xt, state, w_hh, t, mask=None):
         (h,) = state

@@ -50,13 +50,12 @@ class Recurrence:
     output_scale: float = 1.0
 
 
-def lstm_sequence(rec: Recurrence, xp, w_hh, h0, c0, bias=None, w_ih=None):
-    """Runs the LSTM over ``xp`` (T, B, 4H), the input term with its bias, from ``(h0, c0)``;
-    with ``rec.input``, ``xp`` is the layer's input x (T, B, I), projected by ``w_ih`` and
-    normalized inside, then ``bias`` added. Returns the outputs (T, B, H) and the final
-    ``(h, c)``."""
+def lstm_sequence(rec: Recurrence, x, w_hh, h0, c0, bias=None, w_ih=None):
+    """Runs the LSTM over ``x`` from ``(h0, c0)``: the input term with its bias (T, B, 4H),
+    or with ``rec.input``, the layer's input (T, B, I), projected by ``w_ih`` and normalized
+    inside, then ``bias`` added. Returns the outputs (T, B, H) and the final ``(h, c)``."""
     terms = (*_input_params(rec, bias, w_ih), *_params(rec.hidden), *_params(rec.cell))
-    y, h, c = _LSTMSequence.apply(rec, torch.is_grad_enabled(), xp, w_hh, h0, c0, *terms)
+    y, h, c = _LSTMSequence.apply(rec, torch.is_grad_enabled(), x, w_hh, h0, c0, *terms)
     return y, (h, c)
 
 
@@ -67,7 +66,7 @@ def _params(term) -> tuple:
 
 def _input_params(rec: Recurrence, bias, w_ih) -> tuple:
     """The bias, the input weights and the input term's gains and shift: none of them
-    without ``rec.input`` (then ``xp`` is the whole input term, bias included)."""
+    without ``rec.input`` (then ``x`` is the whole input term, bias included)."""
     if (rec.input is None) != (w_ih is None) or (rec.input is None and bias is not None):
         raise ValueError(
             "the input weights and a separate bias go with an input term (rec.input), "
@@ -85,14 +84,21 @@ def _project(ws, x, w_ih) -> torch.Tensor:
     return torch.mm(x.reshape(steps * batch, -1), w_ih.t(), out=out).view(steps, batch, -1)
 
 
-def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> torch.Tensor:
-    """Step ``t``'s input term: ``xs[t]``, or with ``rec.input``, ``bias + w_x x̂ + b_x``
-    written into ``out`` (and what its backward needs appended to ``saved`` and ``xhat``)."""
-    if rec.input is None:
-        return xs[t]
-    xx, s = rec.input.step(xs[t], t)
+def _term_step(term, a, t, saved: list, xhat: list) -> torch.Tensor:
+    """``term``'s x̂ of ``a`` at step ``t``; appends it to ``xhat`` (for the gains' gradient)
+    and what its backward needs to ``saved``."""
+    xx, s = term.step(a, t)
     saved.append(s)
     xhat.append(xx)
+    return xx
+
+
+def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> torch.Tensor:
+    """Step ``t``'s input term: ``xs[t]``, or with ``rec.input``, ``bias + w_x x̂ + b_x``
+    written into ``out`` (see :func:`_term_step` for ``saved`` and ``xhat``)."""
+    if rec.input is None:
+        return xs[t]
+    xx = _term_step(rec.input, xs[t], t, saved, xhat)
     if bias is None:
         torch.mul(xx, w_x, out=out)
     else:
@@ -101,8 +107,8 @@ def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> tor
 
 
 def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare) -> list:
-    """The gradients of the first input (``d_pre`` itself without ``rec.input``, never a
-    workspace buffer then; else x's, if ``need_x``), the bias, the input weights and the
+    """The gradients of ``x`` (``d_pre`` itself without ``rec.input``, never a workspace
+    buffer then; else only if ``need_x``), the bias, the input weights and the
     input term's gains and shift, from ``d_pre``, the gradient of the steps' input terms;
     ``spare`` a buffer of its shape."""
     if rec.input is None:
@@ -115,6 +121,22 @@ def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare)
     d_w_ih = torch.mm(d_xp.t(), x.reshape(d_xp.shape[0], -1))
     bias = d_pre.sum((0, 1))
     return [d_x, bias, d_w_ih, *_term_grads(rec.input, xhat, d_pre, spare)]
+
+
+def kept_tensors(node) -> list:
+    """The tensors a sequence Function's backward ``node`` keeps beside autograd's saved ones
+    (its workspace's buffers and its terms' saved steps); none for any other node."""
+    if not isinstance(node, _LSTMSequence._backward_cls | _GRUSequence._backward_cls):
+        return []
+    return list(_tensors((list(node.ws.buffers.values()), node.terms)))
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors(item)
 
 
 def _affine(xhat, weight, bias):
@@ -266,7 +288,7 @@ def _backward(ctx, body, grads_out) -> tuple:
 
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, h0, c0, bias, w_ih, then gains, shifts
+    def forward(ctx, rec, grad, *inputs):  # x, w_hh, h0, c0, bias, w_ih, then gains, shifts
         return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 5, 6, 8, 10))
 
     @staticmethod
@@ -274,9 +296,9 @@ class _LSTMSequence(torch.autograd.Function):
         return _backward(ctx, _lstm_backward, (d_y, d_hT, d_cT))
 
 
-def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c):
+def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c):
     """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps."""
-    xp = _project(ws, xp, w_ih)
+    xp = _project(ws, x, w_ih)
     steps, batch, gates = xp.shape
     size = gates // 4
     act = ws("act", steps, batch, gates)  # σ(i), σ(f), tanh(g) (unscaled), σ(o)
@@ -298,9 +320,7 @@ def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c
         if hidden is None:
             torch.add(x_t, a, out=pre)
         else:
-            xh, s = hidden.step(a, t)
-            saved_h.append(s)
-            xhat_h.append(xh)
+            xh = _term_step(hidden, a, t, saved_h, xhat_h)
             torch.addcmul(x_t, xh, w_h, out=pre)
             if b_h is not None:
                 pre.add_(b_h)
@@ -311,9 +331,7 @@ def _lstm_forward(rec, ws, xp, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c
             cand = cand * rec.candidate_scale
         c = torch.addcmul(f[t] * c, i[t], cand, out=c_out[t])
         if cell is not None:
-            xc, s = cell.step(c, t)
-            saved_c.append(s)
-            xhat_c.append(xc)
+            xc = _term_step(cell, c, t, saved_c, xhat_c)
             torch.tanh(_affine(xc, w_c, b_c), out=tc[t])
         else:
             torch.tanh(c if rec.cell_scale == 1.0 else c * rec.cell_scale, out=tc[t])
@@ -344,7 +362,7 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
     torch.mul(g, g, out=p_g).sub_(1).mul_(i).mul_(-rec.candidate_scale)
     torch.addcmul(o, o, o, value=-1, out=p_o).mul_(tcs).mul_(rec.output_scale)
 
-    # the pre-activations' gradient; xp's without an input term: never a workspace buffer then
+    # the pre-activations' gradient; x's without an input term: never a workspace buffer then
     d_pre = torch.empty_like(act) if rec.input is None else ws("d_pre", *act.shape)
     blocks = (steps, batch, 4, size)
     dp_ifg, dp_o = d_pre.view(blocks)[:, :, :3].unbind(0), d_pre.view(blocks)[:, :, 3].unbind(0)
@@ -377,20 +395,20 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
-def gru_sequence(rec: Recurrence, xp, w_hh, b_hn, h0, bias=None, w_ih=None):
-    """Runs the GRU (``cells.GRULayer``'s form) over ``xp`` (T, B, 3H), the input term with
-    its biases, from ``h0`` (with ``rec.input``, x, ``w_ih`` and ``bias`` as for
-    :func:`lstm_sequence`); ``b_hn`` is the recurrent bias inside the reset gate. The
+def gru_sequence(rec: Recurrence, x, w_hh, b_hn, h0, bias=None, w_ih=None):
+    """Runs the GRU (``cells.GRULayer``'s form) over ``x`` from ``h0``: the input term with
+    its biases (T, B, 3H), or with ``rec.input``, the layer's input, ``w_ih`` and ``bias`` as
+    for :func:`lstm_sequence`; ``b_hn`` is the recurrent bias inside the reset gate. The
     recurrence's ``cell`` and cell scales do not apply to the GRU. Returns the outputs and
     the final ``(h,)``."""
     terms = (*_input_params(rec, bias, w_ih), *_params(rec.hidden))
-    y, h = _GRUSequence.apply(rec, torch.is_grad_enabled(), xp, w_hh, b_hn, h0, *terms)
+    y, h = _GRUSequence.apply(rec, torch.is_grad_enabled(), x, w_hh, b_hn, h0, *terms)
     return y, (h,)
 
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # xp, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h
+    def forward(ctx, rec, grad, *inputs):  # x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h
         return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 5, 6, 8))
 
     @staticmethod
@@ -398,9 +416,9 @@ class _GRUSequence(torch.autograd.Function):
         return _backward(ctx, _gru_backward, (d_y, d_hT))
 
 
-def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
-    """The forward loop: returns all h_t (from h0) and the hidden term's saved steps."""
-    xp = _project(ws, xp, w_ih)
+def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
+    """The forward loop: returns all h_t (from h0) and the terms' saved steps."""
+    xp = _project(ws, x, w_ih)
     steps, batch, gates = xp.shape
     size = gates // 3
     act = ws("act", steps, batch, gates)  # σ(r), σ(z), tanh(u) (unscaled)
@@ -418,10 +436,7 @@ def _gru_forward(rec, ws, xp, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     for t in range(steps):
         a = torch.mm(h, wt)
         if hidden is not None:
-            xh, s = hidden.step(a, t)
-            saved_h.append(s)
-            xhat_h.append(xh)
-            a = _affine(xh, w_h, b_h)
+            a = _affine(_term_step(hidden, a, t, saved_h, xhat_h), w_h, b_h)
         x_t = _input_step(rec, xs, t, bias, w_x, b_x, xin, saved_x, xhat_x)
         x_rz, x_n = x_t.split([2 * size, size], 1)
         a_rz, a_n = a.split([2 * size, size], 1)
@@ -454,7 +469,7 @@ def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT
     torch.add(hs[:-1], n, alpha=-s_g, out=q_z)
     q_z.mul_(torch.addcmul(z, z, z, value=-1))
 
-    # the input term's gradient; xp's without an input term: never a workspace buffer then
+    # the input term's gradient; x's without an input term: never a workspace buffer then
     d_pre = torch.empty_like(act) if rec.input is None else ws("d_pre", *act.shape)
     d_hid = ws("d_hid", steps, batch, gates)  # the gradient for the (normalized) W_h h
     d_ys, k_us, q_rs, q_zs, rs, zs = (v.unbind(0) for v in (d_y, k_u, q_r, q_z, r, z))
