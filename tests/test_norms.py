@@ -271,11 +271,14 @@ def test_shared_statistics_update_in_turn_by_hand():
 
 @pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "linfbn"])
 def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
+    """The step loop's per-step records, written by one flush after the loop, against an
+    update at every step (on the loop: the sequence path has no immediate form)."""
     from normrnn.norms import ActivationNorm
 
     def run():
         torch.manual_seed(0)
         layer = LSTMLayer(3, 5, norm=norm, max_steps=6).double()
+        layer.path = "loop"
         for _ in range(3):
             layer(torch.randn(6, 8, 3, dtype=torch.float64))
         return {k: v.clone() for k, v in layer.norm.state_dict().items()}
