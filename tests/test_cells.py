@@ -98,14 +98,15 @@ def test_a_term_without_a_step_makes_the_layer_loop(monkeypatch):
 FAST = [(c, n) for c in sorted(CELLS) for n in sorted(NORMS) if default_path(c, n) != "loop"]
 
 
-def run_path(cell, norm, quant, path, train=True, steps=6, hidden=16, device="cpu"):
+def run_path(cell, norm, quant, path, train=True, steps=6, hidden=16, device="cpu", opts=None):
     """Outputs, final state, the input's and every parameter's gradient, and the buffers
     (batch norms' population statistics) after one forward and backward on ``path``. In eval
     mode the population statistics come from one training batch first. The same numbers on
-    any ``device``: the layer and the inputs are drawn on the CPU, then moved."""
+    any ``device``: the layer and the inputs are drawn on the CPU, then moved. ``opts``: the
+    norm's options."""
     torch.manual_seed(0)
     # pRMS's default p leaves k = 1 of 16 units: conditioning too poor for a 1e-5 comparison
-    opts = {"p": 0.25} if norm == "prms" else None
+    opts = {"p": 0.25} if norm == "prms" else opts
     layer = CELLS[cell](5, hidden, norm=norm, quant=quant, max_steps=steps, norm_opts=opts)
     layer.to(device)
     if not train:
@@ -142,6 +143,20 @@ def test_fast_path_equals_reference_path(cell, norm, quant, train):
     ref = run_path(cell, norm, quant, "loop", train)
     got = run_path(cell, norm, quant, path, train)
     assert got.keys() == ref.keys() and "weight_hh.grad" in ref
+    for name, expected in ref.items():
+        atol = 1e-5 * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("norm", ["l1bn", "linfbn"])
+def test_shared_statistics_of_other_estimators_on_the_sequence_path(cell, norm):
+    """L1 and L∞ batch norm with statistics shared over time (an option, not a registered
+    name): their input term is normalized as one block inside the sequence path, which must
+    equal the loop as the registered norms do."""
+    ref = run_path(cell, norm, "fp", "loop", opts={"shared": True})
+    got = run_path(cell, norm, "fp", "sequence", opts={"shared": True})
+    assert got.keys() == ref.keys() and "norm.x.weight.grad" in ref
     for name, expected in ref.items():
         atol = 1e-5 * max(1.0, expected.abs().max().item())
         torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)

@@ -293,27 +293,43 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     assert int(deferred["h.steps_seen"]) == (1 if norm == "bn_shared" else 6)
 
 
-@pytest.mark.parametrize("norm", ["ln", "rms", "prms", "bn", "bn_shared", "l1bn", "linfbn"])
+SHARED = {"shared": True}
+STEPWISE_CASES = [(n, {}) for n in ["ln", "rms", "prms", "bn", "bn_shared", "l1bn", "linfbn"]]
+STEPWISE_CASES += [("l1bn", SHARED), ("linfbn", SHARED)]
+
+
+@pytest.mark.parametrize(
+    "norm,opts", STEPWISE_CASES, ids=[n + ("-shared" if o else "") for n, o in STEPWISE_CASES]
+)
 @pytest.mark.parametrize("training", [True, False])
-def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, training):
+def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, training):
     """The sequence path steps through the input term when ``stepwise`` says that doing so
-    equals normalizing the whole block: a term that claims it must keep the promise, and
-    shared batch statistics (over all steps of a block, in training) must not claim it."""
+    equals normalizing the whole block: a term that claims it must keep the promise. Shared
+    batch statistics (over all steps of a block, in training) must not claim it, and the
+    path normalizes their block as one step of all its rows instead: that must equal the
+    block too, and its step backward autograd through the block (float64)."""
     torch.manual_seed(0)
-    x = term(norm, features=8, groups=2, max_steps=5).double()
+    x = term(norm, features=8, groups=2, max_steps=5, **opts).double()
     a = torch.randn(5, 16, 8, dtype=torch.float64) * torch.linspace(0.5, 3, 5)[:, None, None]
     x(torch.randn(5, 16, 8, dtype=torch.float64))  # population statistics for eval mode
     x.train(training)
     with torch.no_grad():
         block = x(a, 0)
         steps = torch.stack([x.affine(x.step(a[t], t)[0]) for t in range(5)])
+        rows, saved = x.step(a.flatten(0, 1), 0)
     if hasattr(x, "flush"):
         x._pending.clear()
     if x.stepwise:
         torch.testing.assert_close(steps, block, rtol=1e-10, atol=1e-12)
-    else:
-        assert norm == "bn_shared" and training
-        assert not torch.allclose(steps, block, atol=1e-3)
+        return
+    assert (norm == "bn_shared" or opts == SHARED) and training
+    assert not torch.allclose(steps, block, atol=1e-3)
+    torch.testing.assert_close(x.affine(rows).view(a.shape), block, rtol=1e-10, atol=1e-12)
+    a.requires_grad_()
+    gy = torch.randn_like(a)
+    (expect,) = torch.autograd.grad(x(a, 0), a, gy)
+    got = x.step_backward((gy * x.weight).flatten(0, 1), saved).view(a.shape)
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm", ["l1bn", "linfbn"])

@@ -122,7 +122,8 @@ class TermNorm(nn.Module):
     @property
     def stepwise(self) -> bool:
         """Whether normalizing a block of steps equals normalizing each step alone (then the
-        sequence path may step through the input term too)."""
+        sequence path steps through the input term too); if not, the block is normalized as
+        one step of all its T·B rows (``step`` on the flattened block)."""
         return True
 
 
@@ -284,7 +285,8 @@ class BatchNormTerm(TermNorm):
 
     @property
     def stepwise(self) -> bool:
-        """In training, shared statistics of a block are taken over all its steps at once."""
+        """In training, shared statistics of a block are taken over all its steps at once,
+        that is, over its T·B rows as one step."""
         return not (self.shared and self.training)
 
     def step(self, a, t):
@@ -535,7 +537,7 @@ class ActivationNorm(CellNorm):
     def recurrence(self):
         if all(term is None or term.has_step for term in (self.h, self.c)):
             return Recurrence(
-                input=self.x if self.x.has_step and self.x.stepwise else None,
+                input=self.x if self.x.has_step else None,
                 hidden=self.h,
                 cell=self.c,
             )

@@ -18,8 +18,11 @@ fixed scales of normalization propagation. The input term is normalized inside t
 step at a time, although it does not depend on the recurrence: normalized as one block
 before the loop, in autograd, it took three more passes over a (T, B, gates·H) tensor each
 way, each into freshly allocated memory, which cost more than the per-step calls (the
-README's benchmark section has the figures). Tests hold this path to the step loop (outputs,
-gradients, population statistics) and its backward to finite differences (``gradcheck``).
+README's benchmark section has the figures). A term whose statistics span all steps (shared
+batch statistics in training: ``TermNorm.stepwise`` false) normalizes the block as one step
+of T·B rows, still inside the Function, before the loop. Tests hold this path to the step
+loop (outputs, gradients, population statistics) and its backward to finite differences
+(``gradcheck``).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from . import graphs
 class Recurrence:
     """What a step does besides the plain cell: ``input`` normalizes ``W_x x_t``,
     ``hidden`` normalizes ``W_h h_{t-1}`` and ``cell`` normalizes ``c_t`` (term modules,
-    None = identity; ``input`` only where normalizing each step alone is the same as
-    normalizing the whole block, see ``TermNorm.stepwise``); the cell input is
+    None = identity; ``input`` step by step, or as one step of all rows where its ``stepwise``
+    is false); the cell input is
     ``candidate_scale · tanh(g)`` and the output ``h_t = σ(o) · output_scale ·
     tanh(cell_scale · c_t)`` (normalization propagation's fixed rescaling)."""
 
@@ -93,12 +96,26 @@ def _term_step(term, a, t, saved: list, xhat: list) -> torch.Tensor:
     return xx
 
 
+def _block(term) -> bool:
+    """Whether the input ``term`` normalizes all steps as one block (see ``TermNorm.stepwise``)."""
+    return term is not None and not term.stepwise
+
+
+def _input_steps(rec, xp, saved: list, xhat: list) -> tuple:
+    """The steps of the projected input, normalized (x̂) already if ``rec.input`` takes the
+    block as one step of T·B rows (see :func:`_term_step` for ``saved`` and ``xhat``)."""
+    if _block(rec.input):
+        xp = _term_step(rec.input, xp.flatten(0, 1), 0, saved, xhat).view(xp.shape)
+    return xp.unbind(0)
+
+
 def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> torch.Tensor:
     """Step ``t``'s input term: ``xs[t]``, or with ``rec.input``, ``bias + w_x x̂ + b_x``
-    written into ``out`` (see :func:`_term_step` for ``saved`` and ``xhat``)."""
+    written into ``out`` (see :func:`_term_step` for ``saved`` and ``xhat``; ``xs`` from
+    :func:`_input_steps`)."""
     if rec.input is None:
         return xs[t]
-    xx = _term_step(rec.input, xs[t], t, saved, xhat)
+    xx = xs[t] if _block(rec.input) else _term_step(rec.input, xs[t], t, saved, xhat)
     if bias is None:
         torch.mul(xx, w_x, out=out)
     else:
@@ -113,10 +130,15 @@ def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare)
     ``spare`` a buffer of its shape."""
     if rec.input is None:
         return [d_pre, None, None, None, None]
-    d_xs = [
-        rec.input.step_backward(d * w_x, s) for d, s in zip(d_pre.unbind(0), saved, strict=True)
-    ]
-    d_xp = torch.stack(d_xs, out=ws("d_xp", *d_pre.shape)).flatten(0, 1)
+    d_xp = ws("d_xp", *d_pre.shape)
+    if _block(rec.input):
+        (s,) = saved
+        d_xp = rec.input.step_backward(torch.mul(d_pre, w_x, out=d_xp).flatten(0, 1), s)
+    else:
+        d_xs = [
+            rec.input.step_backward(d * w_x, s) for d, s in zip(d_pre.unbind(0), saved, strict=True)
+        ]
+        d_xp = torch.stack(d_xs, out=d_xp).flatten(0, 1)
     d_x = torch.mm(d_xp, w_ih).view(x.shape) if need_x else None
     d_w_ih = torch.mm(d_xp.t(), x.reshape(d_xp.shape[0], -1))
     bias = d_pre.sum((0, 1))
@@ -212,11 +234,14 @@ def _weight_grad(d_a: list, d_plain: torch.Tensor, hs: torch.Tensor, ws: Workspa
 
 
 def _term_grads(term, xhat: list, dy: torch.Tensor, out: torch.Tensor) -> list:
-    """The gradients of a term's gains (Σ dy x̂) and shift (Σ dy); ``out`` a spare buffer of
-    dy's shape."""
+    """The gradients of a term's gains (Σ dy x̂) and shift (Σ dy); ``xhat`` the x̂ of each
+    step, or one of all steps; ``out`` a spare buffer of dy's shape."""
     if term is None:
         return [None, None]
-    weight = torch.stack(xhat, out=out).mul_(dy).sum((0, 1))
+    if len(xhat) < len(dy):  # one x̂ of all T·B rows
+        weight = torch.mul(xhat[0].view(dy.shape), dy, out=out).sum((0, 1))
+    else:
+        weight = torch.stack(xhat, out=out).mul_(dy).sum((0, 1))
     return [weight, dy.sum((0, 1)) if term.bias is not None else None]
 
 
@@ -311,7 +336,8 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
     saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c = [], [], [], [], [], []
     pre_g = pre[:, 2 * size : 3 * size]
     i, f, g, o = (v.unbind(0) for v in act.chunk(4, 2))
-    xs, acts, tc, h_out, c_out = (v.unbind(0) for v in (xp, act, tcs, hs[1:], cs[1:]))
+    xs = _input_steps(rec, xp, saved_x, xhat_x)
+    acts, tc, h_out, c_out = (v.unbind(0) for v in (act, tcs, hs[1:], cs[1:]))
     wt = w_hh.t()
     h, c = hs[0], cs[0]
     for t in range(steps):
@@ -430,7 +456,8 @@ def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     hidden = rec.hidden
     saved_x, saved_h, xhat_x, xhat_h = [], [], [], []
     r, z, n = (v.unbind(0) for v in act.chunk(3, 2))
-    xs, acts, hnbs, h_out = (v.unbind(0) for v in (xp, act, hnb, hs[1:]))
+    xs = _input_steps(rec, xp, saved_x, xhat_x)
+    acts, hnbs, h_out = (v.unbind(0) for v in (act, hnb, hs[1:]))
     wt = w_hh.t()
     h = hs[0]
     for t in range(steps):
