@@ -301,12 +301,11 @@ class BatchNormTerm(TermNorm):
             self._pending.append((mean[None], invstd.pow(-2)[None] - self.eps, t))
             return xhat, ("l2", a, mean, invstd)
         mean = a.mean(0, keepdim=True)
-        centered = a - mean
-        stat = self.statistic(centered[None])[0]
+        xhat = a - mean  # centered, divided in place: the backward needs x̂ and den only
+        stat = self.statistic(xhat[None])[0]
         den = self.denominator(stat)
         self._pending.append((mean, stat, t))
-        xhat = centered / den
-        return xhat, ("batch", centered, den, xhat)
+        return xhat.div_(den), ("batch", xhat, den)
 
     def step_backward(self, gx, saved):
         kind, *saved = saved
@@ -318,14 +317,15 @@ class BatchNormTerm(TermNorm):
             return torch.ops.aten.native_batch_norm_backward(
                 gx, a, None, None, None, mean, invstd, True, self.eps, mask
             )[0]
-        centered, den, xhat = saved
+        xhat, den = saved
         coef = (gx * xhat).sum(0, keepdim=True).div_(den)  # -dL/d den
-        du = self.sub_denominator_grad(gx / den, coef, centered)
+        du = self.sub_denominator_grad(gx / den, coef, xhat)
         return du - du.mean(0, keepdim=True)
 
-    def sub_denominator_grad(self, du, coef, centered):
-        """``du - coef · ∂den/∂centered`` in place, for one unmasked step: ``centered`` is
-        (B, F), ``coef`` (1, F), and each feature's denominator depends on its column only."""
+    def sub_denominator_grad(self, du, coef, xhat):
+        """``du - coef · ∂den/∂centered`` in place, for one unmasked step: ``xhat`` (B, F) is
+        centered / den, with the signs and the order of the centered values in each column
+        (den > 0), ``coef`` (1, F); each feature's denominator depends on its column only."""
         raise NotImplementedError
 
     def _slots(self, t0, steps, device):
@@ -440,9 +440,9 @@ class L1BatchNorm(BatchNormTerm):
     def denominator(self, stat):
         return stat + self.eps
 
-    def sub_denominator_grad(self, du, coef, centered):
-        scale = coef * (math.sqrt(math.pi / 2) / centered.shape[0])
-        return du.sub_(centered.sign().mul_(scale))
+    def sub_denominator_grad(self, du, coef, xhat):
+        scale = coef * (math.sqrt(math.pi / 2) / xhat.shape[0])
+        return du.addcmul_(xhat.sign(), scale, value=-1)
 
 
 def linf_constant(n):
@@ -472,22 +472,22 @@ class LinfBatchNorm(L1BatchNorm):
             top = size.topk(min(self.k, n), dim=1).values.mean(1, keepdim=True)
         return (linf_constant(n) if w is None else linf_constant(w.sum(1, keepdim=True))) * top
 
-    def sub_denominator_grad(self, du, coef, centered):
+    def sub_denominator_grad(self, du, coef, xhat):
         """Only the k largest |centered| of each column enter the denominator. With k = 1,
         the rows equal to the column's maximum (ties share it, as amax's gradient does;
         argmax over the batch dimension is several times slower than the whole step);
         otherwise a scatter onto the top k rows."""
-        n = centered.shape[0]
+        n = xhat.shape[0]
         k = min(self.k, n)
-        size = centered.abs()
+        size = xhat.abs()
         scale = coef * (linf_constant(n) / k)
-        if k == 1:  # u = ±1 exactly where |centered| is the maximum, |u| < 1 elsewhere
-            u = centered / size.amax(0, keepdim=True).clamp_min_(torch.finfo(size.dtype).tiny)
+        if k == 1:  # u = ±1 exactly where |x̂| is the maximum, |u| < 1 elsewhere
+            u = xhat / size.amax(0, keepdim=True).clamp_min_(torch.finfo(size.dtype).tiny)
             hit = torch.mul(u, u).floor_()  # (float ops: bool masks and trunc are slow here)
             scale = scale / hit.sum(0, keepdim=True).clamp_min_(1)
             return du.addcmul_(u.mul_(hit), scale, value=-1)
         where = size.topk(k, dim=0).indices
-        return du.scatter_add_(0, where, centered.gather(0, where).sign_().mul_(scale).neg_())
+        return du.scatter_add_(0, where, xhat.gather(0, where).sign_().mul_(scale).neg_())
 
 
 # --------------------------------------------------------------------------- cell norms
