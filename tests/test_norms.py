@@ -293,6 +293,26 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     assert int(deferred["h.steps_seen"]) == (1 if norm == "bn_shared" else 6)
 
 
+@pytest.mark.parametrize("norm", ["bn", "bn_shared"])
+def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm):
+    """The L2 step keeps torch's kernel's mean and 1/std, converted at the flush; a flush of
+    such records, of the block form's, or of both in one list writes what an immediate
+    update after each step does (float64)."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 16, 8, dtype=torch.float64) * 2 + 1
+    immediate = term(norm, max_steps=4).double()
+    for t in range(4):
+        immediate(a[t : t + 1], t)
+    for kinds in ("ssss", "bbbb", "sbsb"):
+        x = term(norm, max_steps=4).double()
+        for t, kind in enumerate(kinds):
+            x.step(a[t], t) if kind == "s" else x(a[t : t + 1], t, defer=True)
+        assert len(x._pending) == 4
+        x.flush()
+        for name, value in immediate.state_dict().items():
+            torch.testing.assert_close(x.state_dict()[name], value, msg=f"{kinds} {name}")
+
+
 SHARED = {"shared": True}
 STEPWISE_CASES = [(n, {}) for n in ["ln", "rms", "prms", "bn", "bn_shared", "l1bn", "linfbn"]]
 STEPWISE_CASES += [("l1bn", SHARED), ("linfbn", SHARED)]

@@ -298,7 +298,7 @@ class BatchNormTerm(TermNorm):
             xhat, mean, invstd = torch.native_batch_norm(
                 a, None, None, None, None, True, 0.0, self.eps
             )
-            self._pending.append((mean[None], invstd.pow(-2)[None] - self.eps, t))
+            self._pending.append((mean, invstd, t, "invstd"))  # (see _rows)
             return xhat, ("l2", a, mean, invstd)
         mean = a.mean(0, keepdim=True)
         xhat = a - mean  # centered, divided in place: the backward needs x̂ and den only
@@ -354,13 +354,23 @@ class BatchNormTerm(TermNorm):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        if self.shared:  # one update per step, in turn
-            rows = [torch.cat([p[i].mean(0, keepdim=True) for p in pending]) for i in (0, 1)]
-            self._update_shared(*rows)
-            return
-        self._update(
-            torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]), pending[0][2]
-        )
+        mean, stat = self._rows(pending)
+        if self.shared:  # one update per record (a step, or a block as one), in turn
+            self._update_shared(mean, stat)
+        else:
+            self._update(mean, stat, pending[0][2])
+
+    def _rows(self, pending: list) -> tuple:
+        """The records' means and statistics, a row per step. The L2 step's records hold
+        torch's kernel's 1-D mean and 1/std, converted here for all steps at once rather than
+        in the loop: (mean, invstd, t, "invstd"); the others (mean, stat, t) with (steps, F)."""
+        if all(len(p) == 4 for p in pending):
+            invstd = torch.stack([p[1] for p in pending])
+            return torch.stack([p[0] for p in pending]), invstd.pow_(-2).sub_(self.eps)
+        rows = [
+            p[:2] if len(p) == 3 else (p[0][None], p[1][None].pow(-2) - self.eps) for p in pending
+        ]
+        return tuple(torch.cat(r) for r in zip(*rows, strict=True))
 
     @torch.no_grad()
     def _update(self, mean, stat, t0):
