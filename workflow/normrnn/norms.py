@@ -162,7 +162,8 @@ class GroupLayerNorm(_GroupNorm):
 
 def rms_step(g: torch.Tensor, k: int, eps: float):
     """x̂ = g / sqrt(mean(g[..., :k]²) + eps) over the last dim, and its saved values."""
-    rstd = g[..., :k].pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    part = g if k == g.shape[-1] else g[..., :k]
+    rstd = part.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     xhat = g * rstd
     return xhat, (xhat, rstd, k)
 
@@ -173,10 +174,10 @@ def rms_step_backward(gx: torch.Tensor, saved) -> torch.Tensor:
     gx = gx.view(xhat.shape)
     dot = (gx * xhat).sum(-1, keepdim=True).div_(k)
     if k == xhat.shape[-1]:
-        return (gx - xhat * dot) * rstd
-    da = gx.clone()
-    da[..., :k] -= xhat[..., :k] * dot
-    return da * rstd
+        return torch.addcmul(gx, xhat, dot, value=-1).mul_(rstd)
+    da = gx * rstd
+    da[..., :k].addcmul_(xhat[..., :k], dot.mul_(rstd), value=-1)
+    return da
 
 
 class GroupRMSNorm(_GroupNorm):
