@@ -40,10 +40,10 @@ from . import graphs
 class Recurrence:
     """What a step does besides the plain cell: ``input`` normalizes ``W_x x_t``,
     ``hidden`` normalizes ``W_h h_{t-1}`` and ``cell`` normalizes ``c_t`` (term modules,
-    None = identity; ``input`` step by step, or as one step of all rows where its ``stepwise``
-    is false); the cell input is
-    ``candidate_scale · tanh(g)`` and the output ``h_t = σ(o) · output_scale ·
-    tanh(cell_scale · c_t)`` (normalization propagation's fixed rescaling)."""
+    None = identity; ``input`` step by step, or as one step of all T·B rows where its
+    ``stepwise`` is false); the cell input is ``candidate_scale · tanh(g)`` and the output
+    ``h_t = σ(o) · output_scale · tanh(cell_scale · c_t)`` (normalization propagation's fixed
+    rescaling)."""
 
     input: nn.Module | None = None
     hidden: nn.Module | None = None
