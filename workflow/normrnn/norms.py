@@ -487,7 +487,8 @@ class LinfBatchNorm(L1BatchNorm):
         """Only the k largest |centered| of each column enter the denominator. With k = 1,
         the rows equal to the column's maximum (ties share it, as amax's gradient does;
         argmax over the batch dimension is several times slower than the whole step);
-        otherwise a scatter onto the top k rows."""
+        otherwise a scatter onto the top k rows. Read from x̂, two centered values that
+        differ in their last bit may round to one: then they share it as a tie."""
         n = xhat.shape[0]
         k = min(self.k, n)
         size = xhat.abs()
