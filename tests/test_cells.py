@@ -5,9 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from normrnn import CELLS, NORMS, QUANTIZERS, UnknownNameError, build_model, model_bits
+from normrnn import CELLS, NORMS, QUANTIZERS, UnknownNameError, build_model, model_bits, sequence
 from normrnn.diagnostics import recording
 from normrnn.optim import make_optimizer, update_preconditioners
+
+
+@pytest.fixture(autouse=True)
+def _stacks(monkeypatch):
+    """The sequence path's input term in stacks of 4 steps: the tests' 6 steps in two, the
+    second one short."""
+    monkeypatch.setattr(sequence, "STACK", 4)
 
 
 def copy_lstm(ref: torch.nn.LSTM, model):

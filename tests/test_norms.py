@@ -293,21 +293,28 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     assert int(deferred["h.steps_seen"]) == (1 if norm == "bn_shared" else 6)
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn_shared"])
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn"])
 def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm):
-    """The L2 step keeps torch's kernel's mean and 1/std, converted at the flush; a flush of
-    such records, of the block form's, or of both in one list writes what an immediate
-    update after each step does (float64)."""
+    """The L2 steps keep the mean and 1/std (torch's kernel's, or a stack of steps'),
+    converted at the flush; a flush of such records, of the block form's, or of any mix in
+    one list writes what an immediate update after each step does (float64). ``c``: steps
+    1 and 2 stacked in one call; ``s``: a step; ``b``: the block form."""
     torch.manual_seed(0)
     a = torch.randn(4, 16, 8, dtype=torch.float64) * 2 + 1
     immediate = term(norm, max_steps=4).double()
     for t in range(4):
         immediate(a[t : t + 1], t)
-    for kinds in ("ssss", "bbbb", "sbsb"):
+    for kinds in ("ssss", "bbbb", "sbsb", "sccb", "bccs"):
         x = term(norm, max_steps=4).double()
-        for t, kind in enumerate(kinds):
-            x.step(a[t], t) if kind == "s" else x(a[t : t + 1], t, defer=True)
-        assert len(x._pending) == 4
+        t = calls = 0
+        while t < 4:
+            n = kinds.count("c") if kinds[t] == "c" else 1
+            if kinds[t] == "b":
+                x(a[t : t + n], t, defer=True)
+            else:
+                x.step(a[t : t + n] if kinds[t] == "c" else a[t], t)
+            t, calls = t + n, calls + 1
+        assert len(x._pending) == calls
         x.flush()
         for name, value in immediate.state_dict().items():
             torch.testing.assert_close(x.state_dict()[name], value, msg=f"{kinds} {name}")
@@ -315,19 +322,20 @@ def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm):
 
 SHARED = {"shared": True}
 STEPWISE_CASES = [(n, {}) for n in ["ln", "rms", "prms", "bn", "bn_shared", "l1bn", "linfbn"]]
-STEPWISE_CASES += [("l1bn", SHARED), ("linfbn", SHARED)]
+STEPWISE_CASES += [("l1bn", SHARED), ("linfbn", SHARED), ("linfbn", {"k": 3})]
+STEPWISE_IDS = ["-".join([n, *(f"{k}={v}" for k, v in o.items())]) for n, o in STEPWISE_CASES]
 
 
-@pytest.mark.parametrize(
-    "norm,opts", STEPWISE_CASES, ids=[n + ("-shared" if o else "") for n, o in STEPWISE_CASES]
-)
+@pytest.mark.parametrize("norm,opts", STEPWISE_CASES, ids=STEPWISE_IDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, training):
     """The sequence path steps through the input term when ``stepwise`` says that doing so
-    equals normalizing the whole block: a term that claims it must keep the promise. Shared
+    equals normalizing the whole block: a term that claims it must keep the promise, step
+    by step and with steps 1 to 3 stacked in one call of its step (each its own step). Shared
     batch statistics (over all steps of a block, in training) must not claim it, and the
     path normalizes their block as one step of all its rows instead: that must equal the
-    block too, and its step backward autograd through the block (float64)."""
+    block too. The step backward of a stack, or of the block as one step, must equal
+    autograd through the block form (float64)."""
     torch.manual_seed(0)
     x = term(norm, features=8, groups=2, max_steps=5, **opts).double()
     a = torch.randn(5, 16, 8, dtype=torch.float64) * torch.linspace(0.5, 3, 5)[:, None, None]
@@ -336,20 +344,23 @@ def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, trainin
     with torch.no_grad():
         block = x(a, 0)
         steps = torch.stack([x.affine(x.step(a[t], t)[0]) for t in range(5)])
-        rows, saved = x.step(a.flatten(0, 1), 0)
+        part = slice(1, 4) if x.stepwise else slice(None)
+        given = a[part] if x.stepwise else a.flatten(0, 1)
+        rows, saved = x.step(given, part.start or 0)
+        rows = x.affine(rows).view(a[part].shape)
     if hasattr(x, "flush"):
         x._pending.clear()
     if x.stepwise:
         torch.testing.assert_close(steps, block, rtol=1e-10, atol=1e-12)
-        return
-    assert (norm == "bn_shared" or opts == SHARED) and training
-    assert not torch.allclose(steps, block, atol=1e-3)
-    torch.testing.assert_close(x.affine(rows).view(a.shape), block, rtol=1e-10, atol=1e-12)
+    else:
+        assert (norm == "bn_shared" or opts.get("shared")) and training
+        assert not torch.allclose(steps, block, atol=1e-3)
+    torch.testing.assert_close(rows, block[part], rtol=1e-10, atol=1e-12)
     a.requires_grad_()
     gy = torch.randn_like(a)
-    (expect,) = torch.autograd.grad(x(a, 0), a, gy)
-    got = x.step_backward((gy * x.weight).flatten(0, 1), saved).view(a.shape)
-    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+    (expect,) = torch.autograd.grad(x(a, 0)[part], a, gy[part])
+    got = x.step_backward((gy[part] * x.weight).view(given.shape), saved)
+    torch.testing.assert_close(got.view(rows.shape), expect[part], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm", ["l1bn", "linfbn"])

@@ -106,9 +106,11 @@ class TermNorm(nn.Module):
     def grouped(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(*a.shape[:-1], self.groups, self.features // self.groups)
 
-    # The hand-written recurrence's interface (no autograd): one step, (B, features).
+    # The hand-written recurrence's interface (no autograd): one step, (B, features), or
+    # consecutive steps stacked, (C, B, features), each normalized as its own step.
     def step(self, a: torch.Tensor, t: int):
-        """The normalized ``a`` before the gains (x̂) and what :meth:`step_backward` needs."""
+        """The normalized ``a`` (step ``t``, or steps ``t`` to ``t + C - 1``) before the gains
+        (x̂) and what :meth:`step_backward` needs."""
         raise NotImplementedError
 
     def step_backward(self, gx: torch.Tensor, saved) -> torch.Tensor:
@@ -291,22 +293,30 @@ class BatchNormTerm(TermNorm):
         return not (self.shared and self.training)
 
     def step(self, a, t):
+        rows = (-1, 1, a.shape[-1])[3 - a.dim() :]  # a row of statistics per step (slot)
         if not self.training:
-            idx = self._slots(t, 1, a.device)
-            den = self.denominator(self.running_stat[idx])
-            return (a - self.running_mean[idx]) / den, ("population", den)
-        if type(self).statistic is BatchNormTerm.statistic:  # L2: torch's kernel
-            xhat, mean, invstd = torch.native_batch_norm(
-                a, None, None, None, None, True, 0.0, self.eps
-            )
-            self._pending.append((mean, invstd, t, "invstd"))  # (see _rows)
-            return xhat, ("l2", a, mean, invstd)
-        mean = a.mean(0, keepdim=True)
-        xhat = a - mean  # centered, divided in place: the backward needs x̂ and den only
-        stat = self.statistic(xhat[None])[0]
+            idx = self._slots(t, len(a) if a.dim() == 3 else 1, a.device)
+            den = self.denominator(self.running_stat[idx]).view(rows)
+            return (a - self.running_mean[idx].view(rows)) / den, ("population", den)
+        if type(self).statistic is BatchNormTerm.statistic:  # L2
+            if a.dim() == 2:  # torch's kernel
+                xhat, mean, invstd = torch.native_batch_norm(
+                    a, None, None, None, None, True, 0.0, self.eps
+                )
+                self._pending.append((mean, invstd, t, "invstd"))  # (see _rows)
+                return xhat, ("l2", a, mean, invstd)
+            mean = a.mean(1, keepdim=True)  # (var_mean over dim 1 is several times slower)
+            xhat = a - mean
+            invstd = torch.mul(xhat, xhat).mean(1, keepdim=True).add_(self.eps).rsqrt_()
+            self._pending.append((mean, invstd, t, "invstd"))
+            return xhat.mul_(invstd), ("l2 stack", xhat, invstd)
+        x = a.view(-1, *a.shape[-2:])
+        mean = x.mean(1, keepdim=True)
+        xhat = x - mean  # centered, divided in place: the backward needs x̂ and den only
+        stat = self.statistic(xhat)
         den = self.denominator(stat)
         self._pending.append((mean, stat, t))
-        return xhat.div_(den), ("batch", xhat, den)
+        return xhat.div_(den).view(a.shape), ("batch", xhat.view(a.shape), den.view(rows))
 
     def step_backward(self, gx, saved):
         kind, *saved = saved
@@ -318,15 +328,21 @@ class BatchNormTerm(TermNorm):
             return torch.ops.aten.native_batch_norm_backward(
                 gx, a, None, None, None, mean, invstd, True, self.eps, mask
             )[0]
+        if kind == "l2 stack":  # (gx - mean(gx) - x̂ mean(gx x̂)) / std, over each batch
+            xhat, invstd = saved
+            dot = (gx * xhat).mean(-2, keepdim=True)
+            centered = gx - gx.mean(-2, keepdim=True)
+            return centered.addcmul_(xhat, dot, value=-1).mul_(invstd)
         xhat, den = saved
-        coef = (gx * xhat).sum(0, keepdim=True).div_(den)  # -dL/d den
+        coef = (gx * xhat).sum(-2, keepdim=True).div_(den)  # -dL/d den
         du = self.sub_denominator_grad(gx / den, coef, xhat)
-        return du - du.mean(0, keepdim=True)
+        return du - du.mean(-2, keepdim=True)
 
     def sub_denominator_grad(self, du, coef, xhat):
-        """``du - coef · ∂den/∂centered`` in place, for one unmasked step: ``xhat`` (B, F) is
-        centered / den, with the signs and the order of the centered values in each column
-        (den > 0), ``coef`` (1, F); each feature's denominator depends on its column only."""
+        """``du - coef · ∂den/∂centered`` in place, for one unmasked step or a stack of them:
+        ``xhat`` (B, F) or (C, B, F) is centered / den, with the signs and the order of the
+        centered values in each column (den > 0), ``coef`` (1, F) or (C, 1, F); each
+        feature's denominator depends on its column only."""
         raise NotImplementedError
 
     def _slots(self, t0, steps, device):
@@ -362,14 +378,20 @@ class BatchNormTerm(TermNorm):
             self._update(mean, stat, pending[0][2])
 
     def _rows(self, pending: list) -> tuple:
-        """The records' means and statistics, a row per step. The L2 step's records hold
-        torch's kernel's 1-D mean and 1/std, converted here for all steps at once rather than
-        in the loop: (mean, invstd, t, "invstd"); the others (mean, stat, t) with (steps, F)."""
+        """The records' means and statistics, a row per step. The L2 steps' records hold the
+        mean and 1/std as they come (torch's kernel's are 1-D), converted here for all steps
+        at once rather than in the loop: (mean, invstd, t, "invstd"); the others (mean, stat,
+        t). A record holds F values per step it covers, in any shape."""
+        width = self.features
         if all(len(p) == 4 for p in pending):
-            invstd = torch.stack([p[1] for p in pending])
-            return torch.stack([p[0] for p in pending]), invstd.pow_(-2).sub_(self.eps)
+            invstd = torch.cat([p[1].view(-1, width) for p in pending])
+            mean = torch.cat([p[0].view(-1, width) for p in pending])
+            return mean, invstd.pow_(-2).sub_(self.eps)
         rows = [
-            p[:2] if len(p) == 3 else (p[0][None], p[1][None].pow(-2) - self.eps) for p in pending
+            (p[0].view(-1, width), p[1].view(-1, width))
+            if len(p) == 3
+            else (p[0].view(-1, width), p[1].view(-1, width).pow(-2) - self.eps)
+            for p in pending
         ]
         return tuple(torch.cat(r) for r in zip(*rows, strict=True))
 
@@ -452,7 +474,7 @@ class L1BatchNorm(BatchNormTerm):
         return stat + self.eps
 
     def sub_denominator_grad(self, du, coef, xhat):
-        scale = coef * (math.sqrt(math.pi / 2) / xhat.shape[0])
+        scale = coef * (math.sqrt(math.pi / 2) / xhat.shape[-2])
         return du.addcmul_(xhat.sign(), scale, value=-1)
 
 
@@ -489,17 +511,17 @@ class LinfBatchNorm(L1BatchNorm):
         argmax over the batch dimension is several times slower than the whole step);
         otherwise a scatter onto the top k rows. Read from x̂, two centered values that
         differ in their last bit may round to one: then they share it as a tie."""
-        n = xhat.shape[0]
+        n = xhat.shape[-2]
         k = min(self.k, n)
         size = xhat.abs()
         scale = coef * (linf_constant(n) / k)
         if k == 1:  # u = ±1 exactly where |x̂| is the maximum, |u| < 1 elsewhere
-            u = xhat / size.amax(0, keepdim=True).clamp_min_(torch.finfo(size.dtype).tiny)
+            u = xhat / size.amax(-2, keepdim=True).clamp_min_(torch.finfo(size.dtype).tiny)
             hit = torch.mul(u, u).floor_()  # (float ops: bool masks and trunc are slow here)
-            scale = scale / hit.sum(0, keepdim=True).clamp_min_(1)
+            scale = scale / hit.sum(-2, keepdim=True).clamp_min_(1)
             return du.addcmul_(u.mul_(hit), scale, value=-1)
-        where = size.topk(k, dim=0).indices
-        return du.scatter_add_(0, where, xhat.gather(0, where).sign_().mul_(scale).neg_())
+        where = size.topk(k, dim=-2).indices
+        return du.scatter_add_(-2, where, xhat.gather(-2, where).sign_().mul_(scale).neg_())
 
 
 # --------------------------------------------------------------------------- cell norms

@@ -14,15 +14,16 @@ steps, into the workspace, and one each for its gradients):
 
 The per-step normalizations come from a :class:`Recurrence`: the norm's input, hidden and
 ``c_t`` terms (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
-fixed scales of normalization propagation. The input term is normalized inside the loop, one
-step at a time, although it does not depend on the recurrence: normalized as one block
-before the loop, in autograd, it took three more passes over a (T, B, gates·H) tensor each
-way, each into freshly allocated memory, which cost more than the per-step calls (the
-README's benchmark section has the figures). A term whose statistics span all steps (shared
-batch statistics in training: ``TermNorm.stepwise`` false) normalizes the block as one step
-of T·B rows, still inside the Function, before the loop. Tests hold this path to the step
-loop (outputs, gradients, population statistics) and its backward to finite differences
-(``gradcheck``).
+fixed scales of normalization propagation. The input term does not depend on the
+recurrence: it is normalized inside the Function before the loop, ``STACK`` steps per call
+of its step (each still with its own statistics), and its backward after the loop likewise.
+Normalized as one block in autograd, it took three more passes over a (T, B, gates·H)
+tensor each way, each into freshly allocated memory, which cost more than per-step calls;
+in one call over all steps each op is a pass over that tensor out of cache, while a stack
+stays in it (the README's benchmark section has the figures). A term whose statistics span
+all steps (shared batch statistics in training: ``TermNorm.stepwise`` false) normalizes the
+block as one step of T·B rows. Tests hold this path to the step loop (outputs, gradients,
+population statistics) and its backward to finite differences (``gradcheck``).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from torch import nn
 
 from . import graphs
 
+STACK = 16  # steps of the input term per call of its step (see _input_steps)
+
 
 @dataclass(frozen=True)
 class Recurrence:
     """What a step does besides the plain cell: ``input`` normalizes ``W_x x_t``,
     ``hidden`` normalizes ``W_h h_{t-1}`` and ``cell`` normalizes ``c_t`` (term modules,
-    None = identity; ``input`` step by step, or as one step of all T·B rows where its
+    None = identity; ``input`` in stacks of steps, or as one step of all T·B rows where its
     ``stepwise`` is false); the cell input is ``candidate_scale · tanh(g)`` and the output
     ``h_t = σ(o) · output_scale · tanh(cell_scale · c_t)`` (normalization propagation's fixed
     rescaling)."""
@@ -101,21 +104,28 @@ def _block(term) -> bool:
     return term is not None and not term.stepwise
 
 
-def _input_steps(rec, xp, saved: list, xhat: list) -> tuple:
-    """The steps of the projected input, normalized (x̂) already if ``rec.input`` takes the
-    block as one step of T·B rows (see :func:`_term_step` for ``saved`` and ``xhat``)."""
-    if _block(rec.input):
-        xp = _term_step(rec.input, xp.flatten(0, 1), 0, saved, xhat).view(xp.shape)
-    return xp.unbind(0)
+def _input_steps(rec, xp, saved: list, xhat: list) -> list:
+    """The steps of the projected input, normalized (x̂) with ``rec.input``: ``STACK`` steps
+    in one call of its step, or the block as one step of T·B rows where the term is not
+    stepwise (see :func:`_term_step` for ``saved`` and ``xhat``). Stacks cut the calls, each
+    a dozen ops or more for the batch norms, and stay in cache, as the whole block does not."""
+    term = rec.input
+    if term is None:
+        return list(xp.unbind(0))
+    if _block(term):
+        return list(_term_step(term, xp.flatten(0, 1), 0, saved, xhat).view(xp.shape).unbind(0))
+    steps = []
+    for t in range(0, len(xp), STACK):
+        steps += _term_step(term, xp[t : t + STACK], t, saved, xhat).unbind(0)
+    return steps
 
 
-def _input_step(rec, xs, t, bias, w_x, b_x, out, saved: list, xhat: list) -> torch.Tensor:
+def _input_step(rec, xs, t, bias, w_x, b_x, out) -> torch.Tensor:
     """Step ``t``'s input term: ``xs[t]``, or with ``rec.input``, ``bias + w_x x̂ + b_x``
-    written into ``out`` (see :func:`_term_step` for ``saved`` and ``xhat``; ``xs`` from
-    :func:`_input_steps`)."""
+    written into ``out`` (``xs`` from :func:`_input_steps`)."""
+    xx = xs[t]
     if rec.input is None:
-        return xs[t]
-    xx = xs[t] if _block(rec.input) else _term_step(rec.input, xs[t], t, saved, xhat)
+        return xx
     if bias is None:
         torch.mul(xx, w_x, out=out)
     else:
@@ -130,15 +140,14 @@ def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare)
     ``spare`` a buffer of its shape."""
     if rec.input is None:
         return [d_pre, None, None, None, None]
-    d_xp = ws("d_xp", *d_pre.shape)
+    d_xp = torch.mul(d_pre, w_x, out=ws("d_xp", *d_pre.shape))
     if _block(rec.input):
         (s,) = saved
-        d_xp = rec.input.step_backward(torch.mul(d_pre, w_x, out=d_xp).flatten(0, 1), s)
+        d_xp = rec.input.step_backward(d_xp.flatten(0, 1), s)
     else:
-        d_xs = [
-            rec.input.step_backward(d * w_x, s) for d, s in zip(d_pre.unbind(0), saved, strict=True)
-        ]
-        d_xp = torch.stack(d_xs, out=d_xp).flatten(0, 1)
+        for d, s in zip(d_xp.split(STACK), saved, strict=True):
+            d.copy_(rec.input.step_backward(d, s))
+        d_xp = d_xp.flatten(0, 1)
     d_x = torch.mm(d_xp, w_ih).view(x.shape) if need_x else None
     d_w_ih = torch.mm(d_xp.t(), x.reshape(d_xp.shape[0], -1))
     bias = d_pre.sum((0, 1))
@@ -234,14 +243,17 @@ def _weight_grad(d_a: list, d_plain: torch.Tensor, hs: torch.Tensor, ws: Workspa
 
 
 def _term_grads(term, xhat: list, dy: torch.Tensor, out: torch.Tensor) -> list:
-    """The gradients of a term's gains (Σ dy x̂) and shift (Σ dy); ``xhat`` the x̂ of each
-    step, or one of all steps; ``out`` a spare buffer of dy's shape."""
+    """The gradients of a term's gains (Σ dy x̂) and shift (Σ dy); ``xhat`` the x̂ of all
+    steps in order, in one tensor or several (a step or a stack of steps each); ``out`` a
+    spare buffer of dy's shape."""
     if term is None:
         return [None, None]
-    if len(xhat) < len(dy):  # one x̂ of all T·B rows
+    if len(xhat) == 1:
         weight = torch.mul(xhat[0].view(dy.shape), dy, out=out).sum((0, 1))
     else:
-        weight = torch.stack(xhat, out=out).mul_(dy).sum((0, 1))
+        width = dy.shape[-1]
+        rows = torch.cat([v.reshape(-1, width) for v in xhat], out=out.view(-1, width))
+        weight = rows.view(dy.shape).mul_(dy).sum((0, 1))
     return [weight, dy.sum((0, 1)) if term.bias is not None else None]
 
 
@@ -342,7 +354,7 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
     h, c = hs[0], cs[0]
     for t in range(steps):
         a = torch.mm(h, wt)
-        x_t = _input_step(rec, xs, t, bias, w_x, b_x, pre, saved_x, xhat_x)
+        x_t = _input_step(rec, xs, t, bias, w_x, b_x, pre)
         if hidden is None:
             torch.add(x_t, a, out=pre)
         else:
@@ -464,7 +476,7 @@ def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
         a = torch.mm(h, wt)
         if hidden is not None:
             a = _affine(_term_step(hidden, a, t, saved_h, xhat_h), w_h, b_h)
-        x_t = _input_step(rec, xs, t, bias, w_x, b_x, xin, saved_x, xhat_x)
+        x_t = _input_step(rec, xs, t, bias, w_x, b_x, xin)
         x_rz, x_n = x_t.split([2 * size, size], 1)
         a_rz, a_n = a.split([2 * size, size], 1)
         torch.add(x_rz, a_rz, out=pre)
