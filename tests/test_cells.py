@@ -12,9 +12,9 @@ from normrnn.optim import make_optimizer, update_preconditioners
 
 @pytest.fixture(autouse=True)
 def _stacks(monkeypatch):
-    """The sequence path's input term in stacks of 4 steps: the tests' 6 steps in two, the
-    second one short."""
-    monkeypatch.setattr(sequence, "STACK", 4)
+    """The sequence path's input term in stacks of 4 steps (LSTM, B=4, 4·16 gates) or 5
+    (GRU): the tests' 6 steps in two, the second one short."""
+    monkeypatch.setattr(sequence, "STACK", 4 * 4 * 64)
 
 
 def copy_lstm(ref: torch.nn.LSTM, model):
@@ -163,6 +163,21 @@ def test_shared_statistics_of_other_estimators_on_the_sequence_path(cell, norm):
     equal the loop as the registered norms do."""
     ref = run_path(cell, norm, "fp", "loop", opts={"shared": True})
     got = run_path(cell, norm, "fp", "sequence", opts={"shared": True})
+    assert got.keys() == ref.keys() and "norm.x.weight.grad" in ref
+    for name, expected in ref.items():
+        atol = 1e-5 * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("norm", ["bn", "linfbn", "ln"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_the_input_term_in_single_steps(cell, norm, train, monkeypatch):
+    """Where one step fills the sequence path's stack (large B·H), its input term goes a
+    step per call, through torch's kernels where they exist: the same numbers as the loop."""
+    monkeypatch.setattr(sequence, "STACK", 1)
+    ref = run_path(cell, norm, "fp", "loop", train)
+    got = run_path(cell, norm, "fp", "sequence", train)
     assert got.keys() == ref.keys() and "norm.x.weight.grad" in ref
     for name, expected in ref.items():
         atol = 1e-5 * max(1.0, expected.abs().max().item())

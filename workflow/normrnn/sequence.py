@@ -15,8 +15,9 @@ steps, into the workspace, and one each for its gradients):
 The per-step normalizations come from a :class:`Recurrence`: the norm's input, hidden and
 ``c_t`` terms (modules with ``step``/``step_backward``, see ``norms.TermNorm``) or the
 fixed scales of normalization propagation. The input term does not depend on the
-recurrence: it is normalized inside the Function before the loop, ``STACK`` steps per call
-of its step (each still with its own statistics), and its backward after the loop likewise.
+recurrence: it is normalized inside the Function before the loop, in stacks of steps per
+call of its step (each still with its own statistics), and its backward after the loop
+likewise.
 Normalized as one block in autograd, it took three more passes over a (T, B, gates·H)
 tensor each way, each into freshly allocated memory, which cost more than per-step calls;
 in one call over all steps each op is a pass over that tensor out of cache, while a stack
@@ -36,7 +37,8 @@ from torch import nn
 
 from . import graphs
 
-STACK = 16  # steps of the input term per call of its step (see _input_steps)
+# Elements of the input term per call of its step (see _stacks): 16 steps at B=64, H=100.
+STACK = 16 * 64 * 400
 
 
 @dataclass(frozen=True)
@@ -105,19 +107,28 @@ def _block(term) -> bool:
 
 
 def _input_steps(rec, xp, saved: list, xhat: list) -> list:
-    """The steps of the projected input, normalized (x̂) with ``rec.input``: ``STACK`` steps
-    in one call of its step, or the block as one step of T·B rows where the term is not
-    stepwise (see :func:`_term_step` for ``saved`` and ``xhat``). Stacks cut the calls, each
-    a dozen ops or more for the batch norms, and stay in cache, as the whole block does not."""
+    """The steps of the projected input, normalized (x̂) with ``rec.input``: a stack of
+    steps per call of its step (:func:`_stacks`), or the block as one step of T·B rows where
+    the term is not stepwise (see :func:`_term_step` for ``saved`` and ``xhat``)."""
     term = rec.input
     if term is None:
         return list(xp.unbind(0))
     if _block(term):
         return list(_term_step(term, xp.flatten(0, 1), 0, saved, xhat).view(xp.shape).unbind(0))
     steps = []
-    for t in range(0, len(xp), STACK):
-        steps += _term_step(term, xp[t : t + STACK], t, saved, xhat).unbind(0)
+    for part in _stacks(xp):
+        xx = _term_step(term, part, len(steps), saved, xhat)
+        steps += xx.unbind(0) if part.dim() == 3 else [xx]
     return steps
+
+
+def _stacks(x: torch.Tensor) -> list:
+    """``x`` (T, B, F) in the parts the input term normalizes per call: stacks (C, B, F) of
+    as many steps as ``STACK`` elements hold, or single steps (B, F) where one fills it.
+    Stacks cut the calls, each a dozen ops or more for the batch norms, and stay in cache,
+    which the whole block does not; a step of torch's kernels is faster than a stack of one."""
+    per = STACK // x[0].numel()
+    return list(x.unbind(0)) if per < 2 else list(x.split(per))
 
 
 def _input_step(rec, xs, t, bias, w_x, b_x, out) -> torch.Tensor:
@@ -145,7 +156,7 @@ def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare)
         (s,) = saved
         d_xp = rec.input.step_backward(d_xp.flatten(0, 1), s)
     else:
-        for d, s in zip(d_xp.split(STACK), saved, strict=True):
+        for d, s in zip(_stacks(d_xp), saved, strict=True):
             d.copy_(rec.input.step_backward(d, s))
         d_xp = d_xp.flatten(0, 1)
     d_x = torch.mm(d_xp, w_ih).view(x.shape) if need_x else None
