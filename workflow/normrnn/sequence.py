@@ -124,7 +124,7 @@ def _input_steps(rec, xp, saved: list, xhat: list) -> list:
 
 def _stacks(x: torch.Tensor) -> list:
     """``x`` (T, B, F) in the parts the input term normalizes per call: stacks (C, B, F) of
-    as many steps as ``STACK`` elements hold, or single steps (B, F) where one fills it.
+    as many steps as ``STACK`` elements hold, or single steps (B, F) where two do not fit.
     Stacks cut the calls, each a dozen ops or more for the batch norms, and stay in cache,
     which the whole block does not; a step of torch's kernels is faster than a stack of one."""
     per = STACK // x[0].numel()
