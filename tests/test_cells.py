@@ -11,7 +11,7 @@ from normrnn.optim import make_optimizer, update_preconditioners
 
 
 @pytest.fixture(autouse=True)
-def _stacks(monkeypatch):
+def _small_stacks(monkeypatch):
     """The sequence path's input term in stacks of 4 steps (LSTM, B=4, 4·16 gates) or 5
     (GRU): the tests' 6 steps in two, the second one short."""
     monkeypatch.setattr(sequence, "STACK", 4 * 4 * 64)
@@ -134,6 +134,13 @@ def run_path(cell, norm, quant, path, train=True, steps=6, hidden=16, device="cp
     return out
 
 
+def assert_same(got: dict, ref: dict) -> None:
+    """Each tensor of ``got`` equals ``ref``'s to 1e-5 of its scale (fp32 paths)."""
+    for name, expected in ref.items():
+        atol = 1e-5 * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)
+
+
 # every quantizer in training; in eval mode, where only the batch norms change, two
 MODES = [(q, True) for q in sorted(QUANTIZERS)] + [("fp", False), ("twn", False)]
 
@@ -150,9 +157,7 @@ def test_fast_path_equals_reference_path(cell, norm, quant, train):
     ref = run_path(cell, norm, quant, "loop", train)
     got = run_path(cell, norm, quant, path, train)
     assert got.keys() == ref.keys() and "weight_hh.grad" in ref
-    for name, expected in ref.items():
-        atol = 1e-5 * max(1.0, expected.abs().max().item())
-        torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)
+    assert_same(got, ref)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -164,9 +169,7 @@ def test_shared_statistics_of_other_estimators_on_the_sequence_path(cell, norm):
     ref = run_path(cell, norm, "fp", "loop", opts={"shared": True})
     got = run_path(cell, norm, "fp", "sequence", opts={"shared": True})
     assert got.keys() == ref.keys() and "norm.x.weight.grad" in ref
-    for name, expected in ref.items():
-        atol = 1e-5 * max(1.0, expected.abs().max().item())
-        torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)
+    assert_same(got, ref)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -179,9 +182,24 @@ def test_the_input_term_in_single_steps(cell, norm, train, monkeypatch):
     ref = run_path(cell, norm, "fp", "loop", train)
     got = run_path(cell, norm, "fp", "sequence", train)
     assert got.keys() == ref.keys() and "norm.x.weight.grad" in ref
-    for name, expected in ref.items():
-        atol = 1e-5 * max(1.0, expected.abs().max().item())
-        torch.testing.assert_close(got[name], expected, atol=atol, rtol=1e-5, msg=name)
+    assert_same(got, ref)
+
+
+def test_the_input_terms_backward_follows_the_forwards_parts():
+    """The input term's gradient is cut as the forward cut its x̂, not by the term's state
+    at backward time: shared statistics normalize one block in training and stacks in eval,
+    and a layer switched to eval between the two must still get the loop's gradients."""
+    grads = {}
+    for path in ("loop", "sequence"):
+        torch.manual_seed(0)
+        layer = CELLS["lstm"](5, 16, norm="bn_shared", max_steps=6)
+        layer.path = path
+        y = layer(torch.randn(6, 4, 5))[0]
+        layer.eval()
+        y.pow(2).mean().backward()
+        grads[path] = {n: p.grad for n, p in layer.named_parameters()}
+    assert "norm.x.weight" in grads["loop"]
+    assert_same(grads["sequence"], grads["loop"])
 
 
 def test_the_sequence_path_leaves_masks_and_recording_to_the_loop():

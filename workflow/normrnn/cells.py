@@ -3,9 +3,8 @@
 Weights use ``torch.nn.LSTM``/``GRU``'s layout and gate order (LSTM: i, f, g, o; GRU: r, z, n)
 so that a plain layer can be compared with, and loaded from, the fused modules. Per sequence
 the weights are quantized (per gate block) and transformed by the norm once; the input
-projection of all steps is one matrix product (normalized before the time loop on the
-``loop`` path, step by step inside it on the ``sequence`` path, or as one block before it
-with statistics shared by all steps).
+projection of all steps is one matrix product, normalized before the time loop (on the
+``sequence`` path in stacks of steps, or as one block with statistics shared by all steps).
 
 Three paths compute the same function; ``layer.path`` names the one a layer takes:
 

@@ -293,7 +293,7 @@ class BatchNormTerm(TermNorm):
         return not (self.shared and self.training)
 
     def step(self, a, t):
-        rows = (-1, 1, a.shape[-1])[3 - a.dim() :]  # a row of statistics per step (slot)
+        rows = (-1, 1, a.shape[-1]) if a.dim() == 3 else (1, a.shape[-1])  # a row per step
         if not self.training:
             idx = self._slots(t, len(a) if a.dim() == 3 else 1, a.device)
             den = self.denominator(self.running_stat[idx]).view(rows)
@@ -336,7 +336,7 @@ class BatchNormTerm(TermNorm):
         xhat, den = saved
         coef = (gx * xhat).sum(-2, keepdim=True).div_(den)  # -dL/d den
         du = self.sub_denominator_grad(gx / den, coef, xhat)
-        return du - du.mean(-2, keepdim=True)
+        return du.sub_(du.mean(-2, keepdim=True))  # (a fresh tensor: one allocation less)
 
     def sub_denominator_grad(self, du, coef, xhat):
         """``du - coef · ∂den/∂centered`` in place, for one unmasked step or a stack of them:

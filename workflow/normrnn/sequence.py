@@ -17,14 +17,14 @@ The per-step normalizations come from a :class:`Recurrence`: the norm's input, h
 fixed scales of normalization propagation. The input term does not depend on the
 recurrence: it is normalized inside the Function before the loop, in stacks of steps per
 call of its step (each still with its own statistics), and its backward after the loop
-likewise.
-Normalized as one block in autograd, it took three more passes over a (T, B, gates·H)
-tensor each way, each into freshly allocated memory, which cost more than per-step calls;
-in one call over all steps each op is a pass over that tensor out of cache, while a stack
-stays in it (the README's benchmark section has the figures). A term whose statistics span
-all steps (shared batch statistics in training: ``TermNorm.stepwise`` false) normalizes the
-block as one step of T·B rows. Tests hold this path to the step loop (outputs, gradients,
-population statistics) and its backward to finite differences (``gradcheck``).
+likewise. Normalized as one block in autograd, it took three more passes over a
+(T, B, gates·H) tensor each way, each into freshly allocated memory, which cost more than
+per-step calls; in one call over all steps each op is a pass over that tensor out of cache,
+while a stack stays in it (the README's benchmark section has the figures). A term whose
+statistics span all steps (shared batch statistics in training: ``TermNorm.stepwise``
+false) normalizes the block as one step of T·B rows. Tests hold this path to the step loop
+(outputs, gradients, population statistics) and its backward to finite differences
+(``gradcheck``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import nn
 
 from . import graphs
 
-# Elements of the input term per call of its step (see _stacks): 16 steps at B=64, H=100.
+# Elements of the input term per call of its step (see _parts): 16 steps at B=64, H=100.
 STACK = 16 * 64 * 400
 
 
@@ -101,32 +101,27 @@ def _term_step(term, a, t, saved: list, xhat: list) -> torch.Tensor:
     return xx
 
 
-def _block(term) -> bool:
-    """Whether the input ``term`` normalizes all steps as one block (see ``TermNorm.stepwise``)."""
-    return term is not None and not term.stepwise
-
-
 def _input_steps(rec, xp, saved: list, xhat: list) -> list:
-    """The steps of the projected input, normalized (x̂) with ``rec.input``: a stack of
-    steps per call of its step (:func:`_stacks`), or the block as one step of T·B rows where
-    the term is not stepwise (see :func:`_term_step` for ``saved`` and ``xhat``)."""
-    term = rec.input
-    if term is None:
+    """The steps of the projected input, normalized (x̂) by ``rec.input``, a part per call
+    of its step (:func:`_parts`; see :func:`_term_step` for ``saved`` and ``xhat``). The x̂
+    of each part, in ``xhat``, tells the backward the parts."""
+    if rec.input is None:
         return list(xp.unbind(0))
-    if _block(term):
-        return list(_term_step(term, xp.flatten(0, 1), 0, saved, xhat).view(xp.shape).unbind(0))
     steps = []
-    for part in _stacks(xp):
-        xx = _term_step(term, part, len(steps), saved, xhat)
-        steps += xx.unbind(0) if part.dim() == 3 else [xx]
+    for part in _parts(rec.input, xp):
+        xx = _term_step(rec.input, part, len(steps), saved, xhat)
+        steps += xx.view(-1, *xp.shape[1:]).unbind(0)
     return steps
 
 
-def _stacks(x: torch.Tensor) -> list:
-    """``x`` (T, B, F) in the parts the input term normalizes per call: stacks (C, B, F) of
-    as many steps as ``STACK`` elements hold, or single steps (B, F) where two do not fit.
-    Stacks cut the calls, each a dozen ops or more for the batch norms, and stay in cache,
-    which the whole block does not; a step of torch's kernels is faster than a stack of one."""
+def _parts(term, x: torch.Tensor) -> list:
+    """``x`` (T, B, F) in the parts ``term`` normalizes per call of its step: the block as
+    one step of T·B rows where the term is not ``stepwise``; else stacks (C, B, F) of as many
+    steps as ``STACK`` elements hold, or single steps (B, F) where two do not fit. Stacks cut
+    the calls, each a dozen ops or more for the batch norms, and stay in cache, which the
+    whole block does not; a step of torch's kernels is faster than a stack of one."""
+    if not term.stepwise:
+        return [x.flatten(0, 1)]
     per = STACK // x[0].numel()
     return list(x.unbind(0)) if per < 2 else list(x.split(per))
 
@@ -151,14 +146,15 @@ def _input_grads(rec, ws, x, need_x, w_ih, saved: list, w_x, d_pre, xhat, spare)
     ``spare`` a buffer of its shape."""
     if rec.input is None:
         return [d_pre, None, None, None, None]
-    d_xp = torch.mul(d_pre, w_x, out=ws("d_xp", *d_pre.shape))
-    if _block(rec.input):
-        (s,) = saved
-        d_xp = rec.input.step_backward(d_xp.flatten(0, 1), s)
+    d_xp = torch.mul(d_pre, w_x, out=ws("d_xp", *d_pre.shape)).flatten(0, 1)
+    width = d_xp.shape[-1]
+    if len(xhat) == 1:  # one part (the block, or all steps in one stack): no copy back
+        d_xp = rec.input.step_backward(d_xp.view(xhat[0].shape), saved[0]).view(-1, width)
     else:
-        for d, s in zip(_stacks(d_xp), saved, strict=True):
+        rows = [part.numel() // width for part in xhat]  # the forward's parts (x̂ each)
+        for d, part, s in zip(d_xp.split(rows), xhat, saved, strict=True):
+            d = d.view(part.shape)
             d.copy_(rec.input.step_backward(d, s))
-        d_xp = d_xp.flatten(0, 1)
     d_x = torch.mm(d_xp, w_ih).view(x.shape) if need_x else None
     d_w_ih = torch.mm(d_xp.t(), x.reshape(d_xp.shape[0], -1))
     bias = d_pre.sum((0, 1))
@@ -260,11 +256,11 @@ def _term_grads(term, xhat: list, dy: torch.Tensor, out: torch.Tensor) -> list:
     if term is None:
         return [None, None]
     if len(xhat) == 1:
-        weight = torch.mul(xhat[0].view(dy.shape), dy, out=out).sum((0, 1))
+        rows = xhat[0]
     else:
         width = dy.shape[-1]
         rows = torch.cat([v.reshape(-1, width) for v in xhat], out=out.view(-1, width))
-        weight = rows.view(dy.shape).mul_(dy).sum((0, 1))
+    weight = torch.mul(rows.view(dy.shape), dy, out=out).sum((0, 1))
     return [weight, dy.sum((0, 1)) if term.bias is not None else None]
 
 
