@@ -50,3 +50,19 @@ def server():
     s.sums = sums
     yield s
     s.close()
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def bn_steps(request, monkeypatch) -> str:
+    """The batch norms' steps compiled (``normrnn.native``) or in torch's ops: a test that
+    takes this fixture runs both ways. Where a C++ compiler is, the compiled steps must
+    build."""
+    from normrnn import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.compiler() is None:
+        pytest.skip("no C++ compiler: the batch norms run torch's ops only")
+    else:
+        assert native.library() is not None, "a compiler is there, the steps did not build"
+    return request.param

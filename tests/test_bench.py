@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from normrnn import bench
+from normrnn import bench, native
 
 
 def test_saved_bytes_counts_what_autograd_keeps():
@@ -51,8 +51,11 @@ def test_cli_writes_every_variant(tmp_path, capsys):
         "peak_mem_mb",
         "threads",
         "allocator",
+        "bn_steps",
     }
     assert keys <= set(rows[0])
+    compiled = native.library() is not None
+    assert {r["bn_steps"] for r in rows} == {"compiled" if compiled else "torch"}
     assert all(r["train_ratio"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
     text = capsys.readouterr().out
-    assert "sgemm roof" in text and "allocator" in text
+    assert "sgemm roof" in text and "allocator" in text and "batch-norm steps" in text

@@ -172,12 +172,28 @@ def test_shared_statistics_of_other_estimators_on_the_sequence_path(cell, norm):
     assert_same(got, ref)
 
 
+BATCH_NORMS = ["bn", "bn_shared", "l1bn", "linfbn"]
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("norm", BATCH_NORMS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_the_batch_norms_steps_in_torchs_ops(cell, norm, train, bn_steps):
+    """The sequence path with the batch norms' steps compiled and without (where no compiler
+    is): the loop's numbers either way."""
+    ref = run_path(cell, norm, "fp", "loop", train)
+    got = run_path(cell, norm, "fp", "sequence", train)
+    assert got.keys() == ref.keys() and "norm.h.weight.grad" in ref
+    assert_same(got, ref)
+
+
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("norm", ["bn", "linfbn", "ln"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_the_input_term_in_single_steps(cell, norm, train, monkeypatch):
+def test_the_input_term_in_single_steps(cell, norm, train, monkeypatch, bn_steps):
     """Where one step fills the sequence path's stack (large B·H), its input term goes a
-    step per call, through torch's kernels where they exist: the same numbers as the loop."""
+    step per call, through the compiled steps, or torch's kernels where they exist: the same
+    numbers as the loop."""
     monkeypatch.setattr(sequence, "STACK", 1)
     ref = run_path(cell, norm, "fp", "loop", train)
     got = run_path(cell, norm, "fp", "sequence", train)

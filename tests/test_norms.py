@@ -294,11 +294,12 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
 
 
 @pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn"])
-def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm):
-    """The L2 steps keep the mean and 1/std (torch's kernel's, or a stack of steps'),
-    converted at the flush; a flush of such records, of the block form's, or of any mix in
-    one list writes what an immediate update after each step does (float64). ``c``: steps
-    1 and 2 stacked in one call; ``s``: a step; ``b``: the block form."""
+def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm, bn_steps):
+    """The L2 steps in torch's ops keep the mean and 1/std (torch's kernel's, or a stack of
+    steps'), converted at the flush, the compiled steps the mean and statistic; a flush of
+    such records, of the block form's, or of any mix in one list writes what an immediate
+    update after each step does (float64). ``c``: steps 1 and 2 stacked in one call; ``s``:
+    a step; ``b``: the block form."""
     torch.manual_seed(0)
     a = torch.randn(4, 16, 8, dtype=torch.float64) * 2 + 1
     immediate = term(norm, max_steps=4).double()
@@ -328,7 +329,7 @@ STEPWISE_IDS = ["-".join([n, *(f"{k}={v}" for k, v in o.items())]) for n, o in S
 
 @pytest.mark.parametrize("norm,opts", STEPWISE_CASES, ids=STEPWISE_IDS)
 @pytest.mark.parametrize("training", [True, False])
-def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, training):
+def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, training, bn_steps):
     """The sequence path steps through the input term when ``stepwise`` says that doing so
     equals normalizing the whole block: a term that claims it must keep the promise, step
     by step and with steps 1 to 3 stacked in one call of its step (each its own step). Shared
@@ -363,8 +364,8 @@ def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, trainin
     torch.testing.assert_close(got.view(rows.shape), expect[part], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm", ["l1bn", "linfbn"])
-def test_batch_norm_step_backward_matches_autograd_with_ties_and_constant_columns(norm):
+@pytest.mark.parametrize("norm", ["bn", "l1bn", "linfbn"])
+def test_batch_norm_step_backward_matches_autograd_with_ties_and_constant_columns(norm, bn_steps):
     """The hand-written step backward against autograd through the block form, in float64,
     on the inputs sequential MNIST gives the input term: exact ties for the largest |x - μ|
     (pixels at exactly 1.0) and columns constant over the batch (corners always 0)."""

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from . import native
 from .cells import CELLS
 from .norms import NORMS
 from .quantizers import QUANTIZERS
@@ -187,7 +188,7 @@ def parse(argv=None):
     return args
 
 
-ROW_ENV = ("threads", "allocator", "device", "dtype", "tf32")  # repeated in every row
+ROW_ENV = ("threads", "allocator", "device", "dtype", "tf32", "bn_steps")  # repeated in every row
 
 
 def run(args) -> tuple[dict, list[dict]]:
@@ -209,6 +210,8 @@ def run(args) -> tuple[dict, list[dict]]:
         "machine": platform.processor() or platform.machine(),
         "tf32": args.tf32 if device.type == "cuda" else None,
         "cuda_graphs": device.type == "cuda" and os.environ.get("NORMRNN_CUDA_GRAPHS") != "0",
+        # the batch norms' steps on the sequence path (normrnn/native.py)
+        "bn_steps": "compiled" if device.type == "cpu" and native.library() else "torch",
     }
     rows = []
     for cell in args.cells.split(","):
@@ -237,6 +240,7 @@ def main(argv=None) -> int:
     print(
         f"machine: {env['machine']}, {env['device']}, {env['dtype']}, {env['threads']} threads, "
         f"allocator {env['allocator']}, tf32 {env['tf32']}, cuda graphs {env['cuda_graphs']}, "
+        f"batch-norm steps {env['bn_steps']}, "
         f"sgemm roof {env['sgemm_gflops']:.1f} GFLOP/s, "
         f"fused training step at {rows[0]['roof_fraction_fused']:.0%} of it"
         if rows

@@ -20,6 +20,7 @@ optionally, one on ``c_t``. Adding a normalization means one term class and one 
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .registry import Registry
 from .sequence import Recurrence
 
@@ -237,6 +239,8 @@ class BatchNormTerm(TermNorm):
     but do not enter them.
     """
 
+    native = "l2"  # the compiled step of this class's own statistic (native.KINDS)
+
     def __init__(self, *args, eps=1e-5, momentum=0.05, shared=False, **kw):
         super().__init__(*args, **kw)
         self.eps, self.momentum, self.shared = eps, momentum, shared
@@ -254,6 +258,17 @@ class BatchNormTerm(TermNorm):
 
     def denominator(self, stat: torch.Tensor) -> torch.Tensor:
         return (stat + self.eps).sqrt()
+
+    def native_constant(self, n: int) -> float:
+        """The compiled step's constant c for a batch of ``n`` (``native.step``)."""
+        return 1.0
+
+    @property
+    def native_kind(self) -> str | None:
+        """The compiled step's estimator: ``native`` of the class that defines the
+        ``statistic`` in use, so that a subclass with an estimator of its own runs torch's
+        ops until it names its own; None without one."""
+        return _native_kind(type(self))
 
     def forward(self, a, t0=0, mask=None, defer=False):
         """``defer``: keep this step's statistics until :meth:`flush` (the layer's time loop
@@ -298,6 +313,12 @@ class BatchNormTerm(TermNorm):
             idx = self._slots(t, len(a) if a.dim() == 3 else 1, a.device)
             den = self.denominator(self.running_stat[idx]).view(rows)
             return (a - self.running_mean[idx].view(rows)) / den, ("population", den)
+        kind = self.native_kind
+        if kind is not None and native.applies(a):
+            c = self.native_constant(a.shape[-2])
+            xhat, mean, stat, den = native.step(kind, a, self.eps, c)
+            self._pending.append((mean, stat, t))
+            return xhat, ("native", kind, xhat, den, c)
         if type(self).statistic is BatchNormTerm.statistic:  # L2
             if a.dim() == 2:  # torch's kernel
                 xhat, mean, invstd = torch.native_batch_norm(
@@ -322,6 +343,9 @@ class BatchNormTerm(TermNorm):
         kind, *saved = saved
         if kind == "population":
             return gx / saved[0]
+        if kind == "native":
+            estimator, xhat, den, c = saved
+            return native.step_backward(estimator, gx, xhat, den, c)
         if kind == "l2":
             a, mean, invstd = saved
             mask = [True, False, False]
@@ -431,6 +455,12 @@ class BatchNormTerm(TermNorm):
         self.steps_seen.zero_()
 
 
+@functools.cache
+def _native_kind(cls) -> str | None:
+    owner = next(c for c in cls.__mro__ if "statistic" in vars(c))
+    return vars(owner).get("native")
+
+
 def batch_mean(v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over dim 1 (the batch) of a (T, B, F) tensor, weighted by ``w`` (T, B, 1) if
     given; a step with no weight gives 0."""
@@ -467,6 +497,11 @@ def estimate_population_statistics(model: nn.Module, batches, forward) -> int:
 class L1BatchNorm(BatchNormTerm):
     """L1 batch norm (Hoffer et al. 2018): σ ≈ sqrt(π/2) mean|x - μ|."""
 
+    native = "l1"
+
+    def native_constant(self, n):
+        return math.sqrt(math.pi / 2)
+
     def statistic(self, centered, w=None):
         return math.sqrt(math.pi / 2) * batch_mean(centered.abs(), w)
 
@@ -492,9 +527,18 @@ def linf_constant(n):
 class LinfBatchNorm(L1BatchNorm):
     """L∞ (top-k) batch norm (Hoffer et al. 2018): σ ≈ C(n) · mean of the k largest |x - μ|."""
 
+    native = "linf"  # (k = 1 only)
+
     def __init__(self, *args, k=1, **kw):
         super().__init__(*args, **kw)
         self.k = k
+
+    def native_constant(self, n):
+        return linf_constant(n)
+
+    @property
+    def native_kind(self):
+        return super().native_kind if self.k == 1 else None
 
     def statistic(self, centered, w=None):
         n = centered.shape[1]

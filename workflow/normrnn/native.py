@@ -1,0 +1,141 @@
+"""The batch norms' steps as compiled loops (``csrc/batchnorm_step.cpp``), for the sequence
+path on the CPU.
+
+One training step of a batch norm in torch's ops is 7 to 18 ops forward and backward for L1
+and L∞ BN, each a pass over the step and a few µs of dispatch; at a recurrent step's size
+(64 × 400) those, not the arithmetic, set the speed. The compiled step makes each direction
+one call of three or four passes. Its math is that of ``norms.BatchNormTerm`` and its
+subclasses (per-step batch statistics, x̂ = (x - mean) / den); ``tests/test_native.py``
+holds it to theirs and to autograd.
+
+The library is built on first use with the C++ compiler (``$CXX``, else ``c++``), about a
+second, into ``$NORMRNN_NATIVE_CACHE`` (else ``~/.cache/normrnn``) under a name hashed from
+the source, the flags and the machine, written atomically so that parallel jobs may build it
+at once, and loaded with ctypes. On x86-64 the loops are compiled for AVX2 and for the
+baseline, the CPU picking one at load time, so one file serves every node of a cluster.
+Without a compiler, or with ``NORMRNN_NATIVE=0``, :func:`library` is None (with a warning
+saying why, once) and the batch norms run torch's ops: the same numbers to rounding, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "batchnorm_step.cpp"
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+KINDS = {"l2": 0, "l1": 1, "linf": 2}  # the source's scale estimators
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def compiler() -> str | None:
+    """The C++ compiler's path (``$CXX``, else ``c++``), or None where there is none."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled steps, built where needed; None where they are off or cannot be built."""
+    if os.environ.get("NORMRNN_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(
+            f"normrnn: the batch norms run on torch's ops, not compiled steps: {err}",
+            stacklevel=2,
+        )
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _SUFFIX.values():
+        fwd, bwd = getattr(lib, f"bn_forward_{suffix}"), getattr(lib, f"bn_backward_{suffix}")
+        fwd.argtypes = [ptr] * 5 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ctypes.c_double]
+        bwd.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ptr]
+        fwd.restype = bwd.restype = None
+    return lib
+
+
+def build(cache: Path | None = None) -> Path:
+    """The shared library for this source, flags and machine: compiled into ``cache`` unless
+    it is there. Raises ``OSError`` without a compiler, ``CalledProcessError`` (with the
+    compiler's message) when compiling fails."""
+    cxx = compiler()
+    if cxx is None:
+        raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    cache = Path(cache or os.environ.get("NORMRNN_NATIVE_CACHE") or _default_cache())
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + repr((cxx, FLAGS, platform.machine(), platform.system())).encode()
+    ).hexdigest()[:16]
+    target = cache / f"batchnorm_step-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise subprocess.CalledProcessError(
+                result.returncode, result.args, output=result.stdout, stderr=result.stderr
+            )
+        os.replace(tmp, target)  # atomic: a parallel build leaves the same file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normrnn"
+
+
+def applies(a: torch.Tensor) -> bool:
+    """Whether the compiled steps take ``a``: a contiguous float32/float64 CPU tensor, and
+    the library is there."""
+    return (
+        a.device.type == "cpu"
+        and a.dtype in _SUFFIX
+        and a.is_contiguous()
+        and library() is not None
+    )
+
+
+def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
+    """Normalizes ``a`` (B, F), or a stack (C, B, F) of steps, each over its batch, with the
+    estimator ``kind`` (``KINDS``) and its constant ``c``. Returns x̂ (``a``'s shape) and the
+    mean, statistic and denominator (C, F) of each step."""
+    batch, features = a.shape[-2:]
+    steps = a.numel() // (batch * features)
+    xhat = torch.empty_like(a)
+    stats = a.new_empty(3, steps, features)
+    ptr, size = stats.data_ptr(), steps * features * a.element_size()
+    getattr(library(), f"bn_forward_{_SUFFIX[a.dtype]}")(
+        a.data_ptr(), xhat.data_ptr(), ptr, ptr + size, ptr + 2 * size,
+        steps, batch, features, KINDS[kind], eps, c,
+    )  # fmt: skip
+    return xhat, *stats.unbind(0)
+
+
+def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float):
+    """dL/da of :func:`step` from ``gx`` = dL/dx̂ (any strides), its x̂ and denominator."""
+    gx = gx.contiguous()
+    batch, features = gx.shape[-2:]
+    out = torch.empty_like(gx)
+    work = gx.new_empty(5, features)
+    getattr(library(), f"bn_backward_{_SUFFIX[gx.dtype]}")(
+        gx.data_ptr(), xhat.data_ptr(), den.data_ptr(), out.data_ptr(),
+        gx.numel() // (batch * features), batch, features, KINDS[kind], c, work.data_ptr(),
+    )  # fmt: skip
+    return out
