@@ -125,11 +125,14 @@ def test_compiled_step_in_float32_and_of_a_single_step(kind):
 @needs_compiler
 def test_the_steps_are_taken_where_they_apply_and_not_elsewhere():
     """The batch norms use the compiled steps in training on contiguous float CPU tensors;
-    L∞ with k > 1, half precision and strided inputs take torch's ops, with the same
-    numbers."""
+    L∞ with k > 1, half precision, strided inputs and L2 past its limit take torch's ops,
+    with the same numbers."""
     a = torch.randn(64, 400)
-    assert native.applies(a) and native.applies(a.double())
-    assert not native.applies(a.half()) and not native.applies(a.t())
+    assert native.applies(a, "l1") and native.applies(a.double(), "l2")
+    assert not native.applies(a.half(), "l1") and not native.applies(a.t(), "l1")
+    block = torch.randn(native.LIMIT["l2"] // 400 + 1, 400)  # L2 past its limit: torch's
+    assert BatchNormTerm(400, max_steps=1).step(block, 0)[1][0] == "l2"
+    assert L1BatchNorm(400, max_steps=1).step(block, 0)[1][0] == "native"
     assert L1BatchNorm(400, max_steps=2).step(a, 0)[1][0] == "native"
     assert LinfBatchNorm(400, max_steps=2, k=3).step(a, 0)[1][0] != "native"
     assert LinfBatchNorm(400, max_steps=2).native_kind == "linf"
@@ -195,7 +198,7 @@ def test_a_failed_build_names_the_error_and_falls_back(fresh_library, monkeypatc
     assert "broken.cpp" in err.value.stderr
     with pytest.warns(UserWarning, match="torch's ops"):
         assert native.library() is None
-    assert not native.applies(torch.randn(4, 3))
+    assert not native.applies(torch.randn(4, 3), "l1")
     assert L1BatchNorm(3, max_steps=1).step(torch.randn(4, 3), 0)[1][0] == "batch"
 
 

@@ -1,15 +1,15 @@
 """The batch norms' steps as compiled loops (``csrc/batchnorm_step.cpp``), for the sequence
 path on the CPU.
 
-One training step of a batch norm in torch's ops is 7 to 18 ops forward and backward for L1
-and L∞ BN, each a pass over the step and a few µs of dispatch; at a recurrent step's size
-(64 × 400) those, not the arithmetic, set the speed. The compiled step makes each direction
-one call of three or four passes. Its math is that of ``norms.BatchNormTerm`` and its
+One step of L1 or L∞ batch norm in torch's ops is 7 ops forward and 9 (L1) to 18 (L∞)
+backward, each a pass over the step and a few µs of dispatch; at a recurrent step's size
+(64 × 400) those, not the arithmetic, set the speed. A compiled step is one call each way,
+four or five passes over the step. Its math is that of ``norms.BatchNormTerm`` and its
 subclasses (per-step batch statistics, x̂ = (x - mean) / den); ``tests/test_native.py``
-holds it to theirs and to autograd.
+holds it to their definitions and to autograd.
 
-The library is built on first use with the C++ compiler (``$CXX``, else ``c++``), about a
-second, into ``$NORMRNN_NATIVE_CACHE`` (else ``~/.cache/normrnn``) under a name hashed from
+The library is built on first use with the C++ compiler (``$CXX``, else ``c++``), a few
+seconds, into ``$NORMRNN_NATIVE_CACHE`` (else ``~/.cache/normrnn``) under a name hashed from
 the source, the flags and the machine, written atomically so that parallel jobs may build it
 at once, and loaded with ctypes. On x86-64 the loops are compiled for AVX2 and for the
 baseline, the CPU picking one at load time, so one file serves every node of a cluster.
@@ -57,12 +57,16 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    for suffix in _SUFFIX.values():
+    for dtype, suffix in _SUFFIX.items():
         fwd, bwd = getattr(lib, f"bn_forward_{suffix}"), getattr(lib, f"bn_backward_{suffix}")
         fwd.argtypes = [ptr] * 5 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ctypes.c_double]
         bwd.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ptr]
         fwd.restype = bwd.restype = None
+        _CALLS[lib, dtype] = fwd, bwd
     return lib
+
+
+_CALLS: dict = {}  # (library, dtype): its forward and backward
 
 
 def build(cache: Path | None = None) -> Path:
@@ -101,13 +105,21 @@ def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normrnn"
 
 
-def applies(a: torch.Tensor) -> bool:
-    """Whether the compiled steps take ``a``: a contiguous float32/float64 CPU tensor, and
-    the library is there."""
+# The most elements a call takes, per estimator. The loops run on one thread: above this,
+# torch's own L2 kernel, on all threads, is faster (shared statistics normalize all T·B rows
+# of the input term in one step: 2 threads took half the time at 50176 x 400). L1 and L∞
+# have no kernel in torch; their several ops on all threads were slower at every size.
+LIMIT = {"l2": 1 << 19}
+
+
+def applies(a: torch.Tensor, kind: str) -> bool:
+    """Whether the compiled step of ``kind`` takes ``a``: a contiguous float32/float64 CPU
+    tensor within ``LIMIT``, and the library is there."""
     return (
         a.device.type == "cpu"
         and a.dtype in _SUFFIX
         and a.is_contiguous()
+        and a.numel() <= LIMIT.get(kind, a.numel())
         and library() is not None
     )
 
@@ -121,7 +133,7 @@ def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
     xhat = torch.empty_like(a)
     stats = a.new_empty(3, steps, features)
     ptr, size = stats.data_ptr(), steps * features * a.element_size()
-    getattr(library(), f"bn_forward_{_SUFFIX[a.dtype]}")(
+    _CALLS[library(), a.dtype][0](
         a.data_ptr(), xhat.data_ptr(), ptr, ptr + size, ptr + 2 * size,
         steps, batch, features, KINDS[kind], eps, c,
     )  # fmt: skip
@@ -134,7 +146,7 @@ def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float
     batch, features = gx.shape[-2:]
     out = torch.empty_like(gx)
     work = gx.new_empty(5, features)
-    getattr(library(), f"bn_backward_{_SUFFIX[gx.dtype]}")(
+    _CALLS[library(), gx.dtype][1](
         gx.data_ptr(), xhat.data_ptr(), den.data_ptr(), out.data_ptr(),
         gx.numel() // (batch * features), batch, features, KINDS[kind], c, work.data_ptr(),
     )  # fmt: skip

@@ -314,7 +314,7 @@ class BatchNormTerm(TermNorm):
             den = self.denominator(self.running_stat[idx]).view(rows)
             return (a - self.running_mean[idx].view(rows)) / den, ("population", den)
         kind = self.native_kind
-        if kind is not None and native.applies(a):
+        if kind is not None and native.applies(a, kind):
             c = self.native_constant(a.shape[-2])
             xhat, mean, stat, den = native.step(kind, a, self.eps, c)
             self._pending.append((mean, stat, t))
