@@ -5,7 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from normrnn import CELLS, NORMS, QUANTIZERS, UnknownNameError, build_model, model_bits, sequence
+from normrnn import (
+    CELLS,
+    NORMS,
+    QUANTIZERS,
+    UnknownNameError,
+    build_model,
+    model_bits,
+    native,
+    sequence,
+)
 from normrnn.diagnostics import recording
 from normrnn.optim import make_optimizer, update_preconditioners
 
@@ -178,9 +187,10 @@ BATCH_NORMS = ["bn", "bn_shared", "l1bn", "linfbn"]
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("norm", BATCH_NORMS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_the_batch_norms_steps_in_torchs_ops(cell, norm, train, bn_steps):
-    """The sequence path with the batch norms' steps compiled and without (where no compiler
-    is): the loop's numbers either way."""
+def test_the_batch_norms_steps_in_torchs_ops(cell, norm, train, monkeypatch):
+    """The sequence path with the batch norms' steps in torch's ops (where no compiler is):
+    the loop's numbers (compiled, test_fast_path_equals_reference_path holds them)."""
+    monkeypatch.setattr(native, "library", lambda: None)
     ref = run_path(cell, norm, "fp", "loop", train)
     got = run_path(cell, norm, "fp", "sequence", train)
     assert got.keys() == ref.keys() and "norm.h.weight.grad" in ref

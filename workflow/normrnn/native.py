@@ -36,6 +36,7 @@ SOURCE = Path(__file__).with_name("csrc") / "batchnorm_step.cpp"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 KINDS = {"l2": 0, "l1": 1, "linf": 2}  # the source's scale estimators
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_CALLS: dict = {}  # (library, dtype): its forward and backward, set up by library()
 
 
 def compiler() -> str | None:
@@ -64,9 +65,6 @@ def library() -> ctypes.CDLL | None:
         fwd.restype = bwd.restype = None
         _CALLS[lib, dtype] = fwd, bwd
     return lib
-
-
-_CALLS: dict = {}  # (library, dtype): its forward and backward
 
 
 def build(cache: Path | None = None) -> Path:

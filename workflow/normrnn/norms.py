@@ -268,7 +268,7 @@ class BatchNormTerm(TermNorm):
         """The compiled step's estimator: ``native`` of the class that defines the
         ``statistic`` in use, so that a subclass with an estimator of its own runs torch's
         ops until it names its own; None without one."""
-        return _native_kind(type(self))
+        return vars(_statistic_owner(type(self))).get("native")
 
     def forward(self, a, t0=0, mask=None, defer=False):
         """``defer``: keep this step's statistics until :meth:`flush` (the layer's time loop
@@ -298,7 +298,7 @@ class BatchNormTerm(TermNorm):
         """The L2 statistic steps through torch's kernel; another estimator needs
         ``sub_denominator_grad`` from the class that defines its ``statistic``, or the
         layer loops."""
-        owner = next(c for c in type(self).__mro__ if "statistic" in vars(c))
+        owner = _statistic_owner(type(self))
         return owner is BatchNormTerm or "sub_denominator_grad" in vars(owner)
 
     @property
@@ -456,9 +456,10 @@ class BatchNormTerm(TermNorm):
 
 
 @functools.cache
-def _native_kind(cls) -> str | None:
-    owner = next(c for c in cls.__mro__ if "statistic" in vars(c))
-    return vars(owner).get("native")
+def _statistic_owner(cls) -> type:
+    """The class in ``cls``'s MRO that defines the scale estimator (``statistic``) in use:
+    what goes with it (a step backward, a compiled step) must come from that class."""
+    return next(c for c in cls.__mro__ if "statistic" in vars(c))
 
 
 def batch_mean(v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -494,22 +495,25 @@ def estimate_population_statistics(model: nn.Module, batches, forward) -> int:
     return len(bns)
 
 
+L1_CONSTANT = math.sqrt(math.pi / 2)  # σ / mean|x - μ| for a Gaussian
+
+
 class L1BatchNorm(BatchNormTerm):
     """L1 batch norm (Hoffer et al. 2018): σ ≈ sqrt(π/2) mean|x - μ|."""
 
     native = "l1"
 
     def native_constant(self, n):
-        return math.sqrt(math.pi / 2)
+        return L1_CONSTANT
 
     def statistic(self, centered, w=None):
-        return math.sqrt(math.pi / 2) * batch_mean(centered.abs(), w)
+        return L1_CONSTANT * batch_mean(centered.abs(), w)
 
     def denominator(self, stat):
         return stat + self.eps
 
     def sub_denominator_grad(self, du, coef, xhat):
-        scale = coef * (math.sqrt(math.pi / 2) / xhat.shape[-2])
+        scale = coef * (L1_CONSTANT / xhat.shape[-2])
         return du.addcmul_(xhat.sign(), scale, value=-1)
 
 
