@@ -14,24 +14,31 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from normrnn import native
+from normrnn import native, triton_steps
 from normrnn.norms import BatchNormTerm, L1BatchNorm, LinfBatchNorm, linf_constant
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_steps.available()), reason="needs CUDA and Triton"
+)
+# the compiled CPU loops, and the Triton kernels on a GPU (CI has none: skipped there)
+DEVICES = [pytest.param("cpu", marks=needs_compiler), pytest.param("cuda", marks=needs_triton)]
 
 
 def constant(kind: str, n: int) -> float:
     return {"l2": 1.0, "l1": math.sqrt(math.pi / 2), "linf": linf_constant(n)}[kind]
 
 
-def reference(kind: str, a: torch.Tensor, eps: float):
+def reference(kind: str, a: torch.Tensor, eps: float, dtype=torch.float64):
     """x̂, mean, statistic and denominator of each step of ``a`` (C, B, F), from the
-    estimators' definitions in float64, the mean correctly rounded (a column constant over
-    the batch has x - mean = 0 exactly, not ±ulp, which x̂ would blow up to ±ulp / eps)."""
-    a = a.double()
+    estimators' definitions in float64 (or ``dtype``), the mean correctly rounded (a column
+    constant over the batch has x - mean = 0 exactly, not ±ulp, which x̂ would blow up to
+    ±ulp / eps)."""
+    a = a.to(dtype)
     exact = np.asarray(a.detach().numpy(), dtype=np.longdouble).mean(1, keepdims=True)
     mean = a.mean(1, keepdim=True)  # its gradient, with the correctly rounded value:
-    mean = mean + (torch.from_numpy(exact.astype(np.float64)) - mean).detach()
+    exact = torch.from_numpy(exact.astype(str(dtype).removeprefix("torch.")))
+    mean = mean + (exact - mean).detach()
     xc = a - mean
     if kind == "l2":
         stat = xc.pow(2).mean(1, keepdim=True)
@@ -80,43 +87,156 @@ def test_compiled_step_equals_the_estimators_definition_and_autograd(case, kind)
     torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-11 * max(1.0, scale))
 
 
-@needs_compiler
+def as_good_as(got, rival, exact, name, size):
+    """``got``'s error against ``exact`` (float64), in each column of each step, is at most
+    a few times that of ``rival`` (the same definitions in torch's float32 ops) plus about
+    30 float32 ulps of ``size`` (C, F), the scale of the values the result is made of: a
+    column nearly constant over the batch loses digits in x - mean in any float32
+    arithmetic, and its x̂ and gradient with them."""
+    got, rival = got.view(exact.shape).cpu().double(), rival.view(exact.shape).double()
+    err, base = (got - exact).abs().amax(-2), (rival - exact).abs().amax(-2)
+    bound = 4 * base + 4e-6 * torch.maximum(size, exact.abs().amax(-2)) + 1e-30
+    worst = (err / bound).max().item()
+    assert worst <= 1, f"{name}: {worst:.3g} times the bound"
+
+
+@needs_triton
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps(), st.sampled_from(sorted(native.KINDS)))
+def test_triton_step_is_as_accurate_as_float32_definitions(case, kind):
+    """The GPU kernels on float32 (the case rounded to it), forward and backward, against
+    the float64 definitions and autograd through them: as close as the same definitions
+    computed in float32 (ties as in float64: equal values stay equal in any arithmetic)."""
+    a, g = (t.float() for t in case)
+    eps, c = 1e-5, constant(kind, a.shape[1])
+    got = native.step(kind, a.cuda(), eps, c)
+    exact, rival = reference(kind, a, eps), reference(kind, a, eps, torch.float32)
+    big, den = a.double().abs().amax(-2), exact[3].detach().squeeze(-2)  # (C, F)
+    sizes = {"x̂": big / den, "mean": big, "stat": big * (c + den), "den": big * (c + 1)}
+    for (name, size), x, w, r in zip(sizes.items(), got, exact, rival, strict=True):
+        as_good_as(x, r.detach(), w.detach(), name, size)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        leaf = a.to(dtype).requires_grad_()
+        grads += torch.autograd.grad(reference(kind, leaf, eps, dtype)[0], leaf, g.to(dtype))
+    dx = native.step_backward(kind, g.cuda(), got[0], got[3], c)
+    as_good_as(dx, grads[1], grads[0], "dx", g.double().abs().amax(-2) / den)
+
+
 @pytest.mark.parametrize("kind", sorted(native.KINDS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_column_constant_over_the_batch_normalizes_to_zero(kind, dtype):
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        pytest.param("cpu", torch.float32, marks=needs_compiler),
+        pytest.param("cpu", torch.float64, marks=needs_compiler),
+        pytest.param("cuda", torch.float32, marks=needs_triton),
+    ],
+)
+def test_a_column_constant_over_the_batch_normalizes_to_zero(kind, device, dtype):
     """x - mean is 0, not the last bit of a rounded mean (then x̂ would be that over eps):
-    0.1 summed 3, 7 or 100 times in a row does not come to 0.3, 0.7 or 10."""
+    0.1 summed 3, 7 or 100 times in a row does not come to 0.3, 0.7 or 10 (on a GPU also
+    past a kernel's block of rows, 64)."""
     for batch in (3, 7, 100):
-        a = torch.randn(2, batch, 5, dtype=dtype)
+        a = torch.randn(2, batch, 5, dtype=dtype, device=device)
         a[:, :, 1] = 0.1
         xhat, mean = native.step(kind, a, 1e-5, constant(kind, batch))[:2]
         assert torch.equal(xhat[:, :, 1], torch.zeros_like(xhat[:, :, 1])), batch
         assert torch.equal(mean[:, 1], a[:, 0, 1]), batch
 
 
-@needs_compiler
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", sorted(native.KINDS))
-def test_compiled_step_in_float32_and_of_a_single_step(kind):
-    """float32 within rounding of the float64 result; a single (B, F) step as the same step
-    stacked alone; a non-contiguous gradient as its contiguous copy."""
-    a = torch.randn(3, 64, 400, dtype=torch.float64) * 3 + 1
+def test_compiled_step_in_float32_and_of_a_single_step(kind, device):
+    """float32 within rounding of the float64 definitions (at a GPU kernel's block sizes and
+    past them: 100 rows); a single (B, F) step as the same step stacked alone; a
+    non-contiguous gradient as its contiguous copy."""
+    for batch in (64, 100):
+        a = torch.randn(3, batch, 400, dtype=torch.float64) * 3 + 1
+        g = torch.randn_like(a)
+        c = constant(kind, batch)
+        want = [w.squeeze(1) for w in reference(kind, a, 1e-5)[1:]]
+        leaf = a.clone().requires_grad_()
+        xhat, *_ = reference(kind, leaf, 1e-5)
+        (dx,) = torch.autograd.grad(xhat, leaf, g)
+        got = native.step(kind, a.float().to(device), 1e-5, c)
+        for w, x in zip([xhat.detach(), *want], got, strict=True):
+            assert x.dtype == torch.float32 and x.device.type == device
+            torch.testing.assert_close(x.cpu().double(), w, rtol=1e-5, atol=1e-5)
+        g32 = g.float().to(device)
+        dx32 = native.step_backward(kind, g32, got[0], got[3], c)
+        scale = dx.abs().max().item()
+        torch.testing.assert_close(dx32.cpu().double(), dx, rtol=1e-4, atol=1e-4 * scale)
+        one = native.step(kind, a[1].float().to(device), 1e-5, c)
+        assert one[0].shape == (batch, 400)
+        for w, x in zip(got, one, strict=True):
+            torch.testing.assert_close(x.view(w[1].shape), w[1], rtol=0, atol=0)
+        strided = g32.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not strided.is_contiguous()
+        again = native.step_backward(kind, strided, got[0], got[3], c)
+        torch.testing.assert_close(again, dx32, rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", sorted(native.KINDS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_steps_in_half_precision(kind, dtype):
+    """bfloat16 and float16 steps are float32's steps of the same values, rounded once at
+    the end: the sums run in float32 (subnormal results aside). (Against float32's steps of
+    the unrounded values they would differ more where x̂ rounds across 0 and L1's sign
+    flips.)"""
+    a = (torch.randn(2, 64, 300, device="cuda") * 3 + 1).to(dtype)
     g = torch.randn_like(a)
     c = constant(kind, 64)
-    want = native.step(kind, a, 1e-5, c)
-    got = native.step(kind, a.float(), 1e-5, c)
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half an ulp, relative
+    want = native.step(kind, a.float(), 1e-5, c)
+    got = native.step(kind, a, 1e-5, c)
     for w, x in zip(want, got, strict=True):
-        assert x.dtype == torch.float32
-        torch.testing.assert_close(x.double(), w, rtol=1e-5, atol=1e-5)
-    dx = native.step_backward(kind, g, want[0], want[3], c)
-    dx32 = native.step_backward(kind, g.float(), got[0], got[3], c)
-    torch.testing.assert_close(dx32.double(), dx, rtol=1e-4, atol=1e-4 * dx.abs().max().item())
-    one = native.step(kind, a[1], 1e-5, c)
-    assert one[0].shape == (64, 400)
-    for w, x in zip(want, one, strict=True):
-        torch.testing.assert_close(x.view(w[1].shape), w[1], rtol=0, atol=0)
-    strided = g.transpose(1, 2).contiguous().transpose(1, 2)
-    assert not strided.is_contiguous()
-    torch.testing.assert_close(native.step_backward(kind, strided, want[0], want[3], c), dx)
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.float(), w, rtol=unit, atol=torch.finfo(dtype).tiny)
+    dx = native.step_backward(kind, g.float(), got[0].float(), got[3].float(), c)
+    dxh = native.step_backward(kind, g, got[0], got[3], c)
+    assert dxh.dtype == dtype
+    torch.testing.assert_close(dxh.float(), dx, rtol=unit, atol=torch.finfo(dtype).tiny)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", sorted(native.KINDS))
+def test_triton_steps_in_a_cuda_graph(kind):
+    """A step and its backward captured in a CUDA graph (as the sequence path captures its
+    loops) and replayed on new values give the eager numbers exactly."""
+    a, g = torch.randn(64, 200, device="cuda"), torch.randn(64, 200, device="cuda")
+    c = constant(kind, 64)
+    native.step(kind, a, 1e-5, c)  # warm: both kernels compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        xhat, mean, stat, den = native.step(kind, a, 1e-5, c)
+        dx = native.step_backward(kind, g, xhat, den, c)
+    a.copy_(torch.randn_like(a) * 2 - 1)
+    g.copy_(torch.randn_like(g))
+    graph.replay()
+    want = native.step(kind, a.clone(), 1e-5, c)
+    for w, x in zip(want, (xhat, mean, stat, den), strict=True):
+        assert torch.equal(x, w)
+    assert torch.equal(dx, native.step_backward(kind, g.clone(), want[0], want[3], c))
+
+
+@needs_triton
+def test_triton_steps_apply_to_contiguous_float_cuda_tensors_and_switch_off(monkeypatch):
+    """float32 and half precision on the GPU take the kernels; float64 and strided tensors
+    torch's ops, with the same numbers; ``NORMRNN_NATIVE=0`` switches them off."""
+    a = torch.randn(64, 400, device="cuda")
+    assert native.applies(a, "l1") and native.applies(a.bfloat16(), "linf")
+    assert not native.applies(a.double(), "l1") and not native.applies(a.t(), "l1")
+    term = L1BatchNorm(400, max_steps=2).cuda()
+    assert term.step(a, 0)[1][0] == "native"
+    torch.testing.assert_close(term.step(a, 0)[0], term.step(a.double(), 0)[0].float())
+    monkeypatch.setenv("NORMRNN_NATIVE", "0")
+    triton_steps.available.cache_clear()
+    try:
+        assert not native.applies(a, "l1") and term.step(a, 0)[1][0] == "batch"
+    finally:
+        monkeypatch.undo()
+        triton_steps.available.cache_clear()
 
 
 @needs_compiler

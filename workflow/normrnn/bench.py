@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from . import native
+from . import native, triton_steps
 from .cells import CELLS
 from .norms import NORMS
 from .quantizers import QUANTIZERS
@@ -40,6 +40,14 @@ def allocator() -> str:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bn_steps(device: torch.device) -> str:
+    """How the batch norms step on the sequence path: compiled loops (``native.py``) on the
+    CPU, Triton kernels (``triton_steps.py``) on a GPU, or torch's ops."""
+    if device.type == "cuda":
+        return "triton" if triton_steps.available() else "torch"
+    return "compiled" if device.type == "cpu" and native.library() else "torch"
 
 
 def sgemm_gflops(device, dtype, n=1024, repeats=10) -> float:
@@ -210,8 +218,7 @@ def run(args) -> tuple[dict, list[dict]]:
         "machine": platform.processor() or platform.machine(),
         "tf32": args.tf32 if device.type == "cuda" else None,
         "cuda_graphs": device.type == "cuda" and os.environ.get("NORMRNN_CUDA_GRAPHS") != "0",
-        # the batch norms' steps on the sequence path (normrnn/native.py)
-        "bn_steps": "compiled" if device.type == "cpu" and native.library() else "torch",
+        "bn_steps": bn_steps(device),
     }
     rows = []
     for cell in args.cells.split(","):

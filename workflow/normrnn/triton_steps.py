@@ -1,0 +1,209 @@
+"""The batch norms' steps as Triton kernels, for the sequence path on a GPU.
+
+On a GPU one step of L1 or L∞ batch norm in torch's ops is 7 kernels forward and 9 (L1) to
+18 (L∞) backward, each a few µs even inside a CUDA graph; at H=1000 those steps, run 100
+times per sequence, took longer than the recurrent matrix products. Here a step is one kernel
+each way: a program takes a block of columns (features) of one step and sweeps its batch
+rows. The math, including the corrected mean and the sharing of ties, is that of the compiled
+CPU loops (``csrc/batchnorm_step.cpp``), with the same signatures (``native.step`` and
+``native.step_backward`` dispatch here for CUDA tensors); ``tests/test_native.py`` holds both
+to the estimators' float64 definitions and to autograd.
+
+float32, bfloat16 and float16 (the sums in float32); other dtypes, a GPU without Triton, and
+``NORMRNN_NATIVE=0`` take torch's ops. The kernels are compiled by Triton on their first
+call (a few seconds per estimator and dtype, cached by Triton on disk); a forward step also
+compiles its backward, so that neither compiles while a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: torch's ops (or the compiled CPU loops)
+    triton = None
+
+KINDS = {"l2": 0, "l1": 1, "linf": 2}  # as in native.KINDS
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_F = 32  # columns per program; the rows are swept BLOCK_B at a time
+MAX_BLOCK_B = 64
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton is importable and the steps are not switched off."""
+    return triton is not None and os.environ.get("NORMRNN_NATIVE", "1") != "0"
+
+
+def applies(a: torch.Tensor, kind: str) -> bool:
+    """Whether a kernel of ``kind`` takes ``a``: a contiguous CUDA tensor of a dtype in
+    ``DTYPES``, where Triton is there."""
+    return a.is_cuda and a.dtype in DTYPES and a.is_contiguous() and available()
+
+
+def _grid(a: torch.Tensor) -> tuple:
+    batch, features = a.shape[-2:]
+    steps = a.numel() // (batch * features)
+    block_b = min(MAX_BLOCK_B, triton.next_power_of_2(batch))
+    return (steps, triton.cdiv(features, BLOCK_F)), steps, batch, features, block_b
+
+
+_warm: set = set()  # (kind, dtype, device): backward compiled
+
+
+def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
+    """Normalizes ``a`` (B, F), or a stack (C, B, F) of steps, each over its batch: x̂ and
+    the mean, statistic and denominator (C, F) of each step, as ``native.step``."""
+    grid, steps, batch, features, block_b = _grid(a)
+    xhat = torch.empty_like(a)
+    mean, stat, den = a.new_empty(3, steps, features).unbind(0)
+    _forward[grid](
+        a, xhat, mean, stat, den, batch, features, eps, c,
+        KIND=KINDS[kind], BLOCK_B=block_b, BLOCK_F=BLOCK_F,
+    )  # fmt: skip
+    key = (kind, a.dtype, a.device)
+    if key not in _warm and not (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+        step_backward(kind, xhat, xhat, den, c)  # compiled now, not in a graph's capture
+        _warm.add(key)
+    return xhat, mean, stat, den
+
+
+def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float):
+    """dL/da of :func:`step` from ``gx`` = dL/dx̂ (any strides), its x̂ and denominator."""
+    gx = gx.contiguous()
+    grid, steps, batch, features, block_b = _grid(gx)
+    out = torch.empty_like(gx)
+    _backward[grid](
+        gx, xhat, den, out, batch, features, c,
+        KIND=KINDS[kind], BLOCK_B=block_b, BLOCK_F=BLOCK_F,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sign(v):
+        return tl.where(v > 0, 1.0, 0.0) - tl.where(v < 0, 1.0, 0.0)
+
+    @triton.jit(do_not_specialize=["batch", "features", "eps", "c"])
+    def _forward(a, xhat, mean, stat, den, batch, features, eps, c, KIND: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
+        """One step's block of columns: mean (corrected by the mean of x - mean, so that a
+        column constant over the batch gives x̂ = 0), the estimator, x̂."""
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        live = cols < features
+        base = s * batch * features
+        total = tl.zeros([BLOCK_F], tl.float32)
+        for b0 in tl.range(0, batch, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            m = (rows < batch)[:, None] & live[None, :]
+            x = tl.load(a + base + rows[:, None] * features + cols[None, :], mask=m, other=0.0)
+            total += tl.sum(x.to(tl.float32), axis=0)
+        mu = total / batch
+        fix = tl.zeros([BLOCK_F], tl.float32)
+        for b0 in tl.range(0, batch, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            m = (rows < batch)[:, None] & live[None, :]
+            x = tl.load(a + base + rows[:, None] * features + cols[None, :], mask=m, other=0.0)
+            fix += tl.sum(tl.where(m, x.to(tl.float32) - mu[None, :], 0.0), axis=0)
+        mu += fix / batch
+        acc = tl.zeros([BLOCK_F], tl.float32)
+        for b0 in tl.range(0, batch, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            m = (rows < batch)[:, None] & live[None, :]
+            x = tl.load(a + base + rows[:, None] * features + cols[None, :], mask=m, other=0.0)
+            v = tl.where(m, x.to(tl.float32) - mu[None, :], 0.0)
+            if KIND == 0:
+                acc += tl.sum(v * v, axis=0)
+            elif KIND == 1:
+                acc += tl.sum(tl.abs(v), axis=0)
+            else:
+                acc = tl.maximum(acc, tl.max(tl.abs(v), axis=0))
+        if KIND == 0:
+            st = acc / batch
+            d = tl.sqrt(st + eps)
+        elif KIND == 1:
+            st = acc / batch * c
+            d = st + eps
+        else:
+            st = acc * c
+            d = st + eps
+        out = s * features + cols
+        tl.store(mean + out, mu.to(mean.dtype.element_ty), mask=live)
+        tl.store(stat + out, st.to(stat.dtype.element_ty), mask=live)
+        tl.store(den + out, d.to(den.dtype.element_ty), mask=live)
+        for b0 in tl.range(0, batch, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            m = (rows < batch)[:, None] & live[None, :]
+            where = base + rows[:, None] * features + cols[None, :]
+            x = tl.load(a + where, mask=m, other=0.0)
+            y = (x.to(tl.float32) - mu[None, :]) / d[None, :]
+            tl.store(xhat + where, y.to(xhat.dtype.element_ty), mask=m)
+
+    @triton.jit(do_not_specialize=["batch", "features", "c"])
+    def _backward(g, xhat, den, dx, batch, features, c, KIND: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
+        """dL/dx of a step's block of columns from g = dL/dx̂ (sums over the batch):
+        L2 (g - ḡ - x̂ mean(g x̂)) / den; L1 and L∞ (g - ḡ) / den - k (v - mean v), with
+        k = Σ g x̂ / den · c / count, v = sign x̂ and count = batch (L1), or v = sign x̂ on the
+        rows at the column's maximum |x̂|, else 0, and count = those rows (L∞)."""
+        s = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        live = cols < features
+        base = s * batch * features
+        sg = tl.zeros([BLOCK_F], tl.float32)
+        sgx = tl.zeros([BLOCK_F], tl.float32)
+        sv = tl.zeros([BLOCK_F], tl.float32)
+        top = tl.zeros([BLOCK_F], tl.float32)
+        for b0 in tl.range(0, batch, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            m = (rows < batch)[:, None] & live[None, :]
+            where = base + rows[:, None] * features + cols[None, :]
+            gv = tl.load(g + where, mask=m, other=0.0).to(tl.float32)
+            xv = tl.load(xhat + where, mask=m, other=0.0).to(tl.float32)
+            sg += tl.sum(gv, axis=0)
+            sgx += tl.sum(gv * xv, axis=0)
+            if KIND == 1:
+                sv += tl.sum(_sign(xv), axis=0)
+            elif KIND == 2:
+                top = tl.maximum(top, tl.max(tl.abs(xv), axis=0))
+        ties = tl.zeros([BLOCK_F], tl.float32)
+        if KIND == 2:
+            for b0 in tl.range(0, batch, BLOCK_B):
+                rows = b0 + tl.arange(0, BLOCK_B)
+                m = (rows < batch)[:, None] & live[None, :]
+                where = base + rows[:, None] * features + cols[None, :]
+                xv = tl.load(xhat + where, mask=m, other=0.0).to(tl.float32)
+                hit = tl.where(m & (tl.abs(xv) == top[None, :]), 1.0, 0.0)
+                ties += tl.sum(hit, axis=0)
+                sv += tl.sum(hit * _sign(xv), axis=0)
+        d = tl.load(den + s * features + cols, mask=live, other=1.0).to(tl.float32)
+        sg = sg / batch
+        if KIND == 0:
+            k = sgx / batch
+        elif KIND == 1:
+            k = sgx / d * c / batch
+        else:
+            k = sgx / d * c / tl.maximum(ties, 1.0)
+        sv = sv / batch
+        for b0 in tl.range(0, batch, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            m = (rows < batch)[:, None] & live[None, :]
+            where = base + rows[:, None] * features + cols[None, :]
+            gv = tl.load(g + where, mask=m, other=0.0).to(tl.float32)
+            xv = tl.load(xhat + where, mask=m, other=0.0).to(tl.float32)
+            if KIND == 0:
+                y = (gv - sg[None, :] - xv * k[None, :]) / d[None, :]
+            else:
+                v = _sign(xv)
+                if KIND == 2:
+                    v = tl.where(tl.abs(xv) == top[None, :], v, 0.0)
+                y = (gv - sg[None, :]) / d[None, :] - k[None, :] * (v - sv[None, :])
+            tl.store(dx + where, y.to(dx.dtype.element_ty), mask=m)
