@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from normrnn import native, triton_steps
-from normrnn.norms import BatchNormTerm, L1BatchNorm, LinfBatchNorm, linf_constant
+from normrnn.norms import (
+    BatchNormTerm,
+    L1BatchNorm,
+    LinfBatchNorm,
+    linf_constant,
+    rms_step,
+    rms_step_backward,
+)
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 needs_triton = pytest.mark.skipif(
@@ -87,15 +94,15 @@ def test_compiled_step_equals_the_estimators_definition_and_autograd(case, kind)
     torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-11 * max(1.0, scale))
 
 
-def as_good_as(got, rival, exact, name, size):
-    """``got``'s error against ``exact`` (float64), in each column of each step, is at most
-    a few times that of ``rival`` (the same definitions in torch's float32 ops) plus about
-    30 float32 ulps of ``size`` (C, F), the scale of the values the result is made of: a
-    column nearly constant over the batch loses digits in x - mean in any float32
-    arithmetic, and its x̂ and gradient with them."""
+def as_good_as(got, rival, exact, name, size, dim=-2):
+    """``got``'s error against ``exact`` (float64), in each column of each step (or slice
+    along ``dim``), is at most a few times that of ``rival`` (the same definitions in
+    torch's float32 ops) plus about 30 float32 ulps of ``size`` (C, F), the scale of the
+    values the result is made of: a column nearly constant over the batch loses digits in
+    x - mean in any float32 arithmetic, and its x̂ and gradient with them."""
     got, rival = got.view(exact.shape).cpu().double(), rival.view(exact.shape).double()
-    err, base = (got - exact).abs().amax(-2), (rival - exact).abs().amax(-2)
-    bound = 4 * base + 4e-6 * torch.maximum(size, exact.abs().amax(-2)) + 1e-30
+    err, base = (got - exact).abs().amax(dim), (rival - exact).abs().amax(dim)
+    bound = 4 * base + 4e-6 * torch.maximum(size, exact.abs().amax(dim)) + 1e-30
     worst = (err / bound).max().item()
     assert worst <= 1, f"{name}: {worst:.3g} times the bound"
 
@@ -120,7 +127,41 @@ def test_triton_step_is_as_accurate_as_float32_definitions(case, kind):
         leaf = a.to(dtype).requires_grad_()
         grads += torch.autograd.grad(reference(kind, leaf, eps, dtype)[0], leaf, g.to(dtype))
     dx = native.step_backward(kind, g.cuda(), got[0], got[3], c)
-    as_good_as(dx, grads[1], grads[0], "dx", g.double().abs().amax(-2) / den)
+    # the terms g / den, and x̂ · Σ g x̂ / den with x̂ as far off as x - mean is in float32
+    size = g.double().abs().amax(-2) / den * (1 + big / den)
+    as_good_as(dx, grads[1], grads[0], "dx", size)
+
+
+def rms_reference(g: torch.Tensor, k: int, eps: float, dtype=torch.float64):
+    """RMSNorm's (k = n) and pRMSNorm's x̂ from their definition: g / sqrt(mean(g[:k]²) + eps)
+    over the last dim."""
+    g = g.to(dtype)
+    return g / (g[..., :k].pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+@needs_triton
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 5), st.integers(1, 1100), st.floats(0.01, 1), st.integers(0, 2**31 - 1))
+def test_triton_rms_step_is_as_accurate_as_float32_definitions(rows, n, p, seed):
+    """RMSNorm and pRMSNorm's GPU kernels (rows of up to 1100: past a block of 1024), x̂ and
+    its backward, against the definition in float64 and autograd through it: as close as
+    the definition in torch's float32 ops, row by row; 1/rms as torch's own step keeps it."""
+    k = max(1, int(n * p))
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(rows, 4, n, generator=gen) * 2.0 ** torch.randint(-8, 9, (), generator=gen)
+    gx = torch.randn(rows, 4, n, generator=gen)
+    xhat, saved = rms_step(g.cuda(), k, 1e-5)
+    assert saved[0] is xhat and saved[2] == k
+    exact, rival = rms_reference(g, k, 1e-5), rms_reference(g, k, 1e-5, torch.float32)
+    as_good_as(xhat, rival, exact, "x̂", exact.abs().amax(-1), dim=-1)
+    torch.testing.assert_close(saved[1].cpu(), rms_step(g, k, 1e-5)[1][1], rtol=1e-5, atol=0)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        leaf = g.to(dtype).requires_grad_()
+        grads += torch.autograd.grad(rms_reference(leaf, k, 1e-5, dtype), leaf, gx.to(dtype))
+    dx = rms_step_backward(gx.cuda(), saved)
+    size = gx.double().abs().amax(-1) * saved[1].cpu().double().squeeze(-1)
+    as_good_as(dx, grads[1], grads[0], "dx", size, dim=-1)
 
 
 @pytest.mark.parametrize("kind", sorted(native.KINDS))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import native, triton_steps
 from .registry import Registry
 from .sequence import Recurrence
 
@@ -165,7 +165,11 @@ class GroupLayerNorm(_GroupNorm):
 
 
 def rms_step(g: torch.Tensor, k: int, eps: float):
-    """x̂ = g / sqrt(mean(g[..., :k]²) + eps) over the last dim, and its saved values."""
+    """x̂ = g / sqrt(mean(g[..., :k]²) + eps) over the last dim, and its saved values (on a
+    GPU with Triton, one kernel: ``triton_steps.rms_step``)."""
+    if triton_steps.applies_rows(g):
+        xhat, rstd = triton_steps.rms_step(g, k, eps)
+        return xhat, (xhat, rstd, k)
     part = g if k == g.shape[-1] else g[..., :k]
     rstd = part.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     xhat = g * rstd
@@ -175,6 +179,8 @@ def rms_step(g: torch.Tensor, k: int, eps: float):
 def rms_step_backward(gx: torch.Tensor, saved) -> torch.Tensor:
     """The gradient of :func:`rms_step`: (gx - 1[j<k] x̂ Σ(gx x̂) / k) / rms."""
     xhat, rstd, k = saved
+    if triton_steps.applies_rows(xhat):
+        return triton_steps.rms_step_backward(gx, xhat, rstd, k)
     gx = gx.view(xhat.shape)
     dot = (gx * xhat).sum(-1, keepdim=True).div_(k)
     if k == xhat.shape[-1]:

@@ -1,4 +1,4 @@
-"""The batch norms' steps as Triton kernels, for the sequence path on a GPU.
+"""The batch norms' and RMSNorms' steps as Triton kernels, for the sequence path on a GPU.
 
 On a GPU one step of L1 or L∞ batch norm in torch's ops is 7 kernels forward and 9 (L1) to
 18 (L∞) backward, each a few µs even inside a CUDA graph; at H=1000 those steps, run 100
@@ -8,6 +8,9 @@ rows. The math, including the corrected mean and the sharing of ties, is that of
 CPU loops (``csrc/batchnorm_step.cpp``), with the same signatures (``native.step`` and
 ``native.step_backward`` dispatch here for CUDA tensors); ``tests/test_native.py`` holds both
 to the estimators' float64 definitions and to autograd.
+
+RMSNorm and pRMSNorm (``norms.rms_step``) are a row kernel each way likewise, a program per
+row of a gate block: in torch's ops they were 5 kernels forward and 5 to 6 backward.
 
 float32, bfloat16 and float16 (the sums in float32); other dtypes, a GPU without Triton, and
 ``NORMRNN_NATIVE=0`` take torch's ops. The kernels are compiled by Triton on their first
@@ -32,6 +35,7 @@ KINDS = {"l2": 0, "l1": 1, "linf": 2}  # as in native.KINDS
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_F = 32  # columns per program; the rows are swept BLOCK_B at a time
 MAX_BLOCK_B = 64
+MAX_ROW = 1 << 14  # the longest row the RMS kernels take in one block
 
 
 @functools.cache
@@ -40,10 +44,48 @@ def available() -> bool:
     return triton is not None and os.environ.get("NORMRNN_NATIVE", "1") != "0"
 
 
+_warm: set = set()  # (kind, dtype, device): backward compiled
+
+
 def applies(a: torch.Tensor, kind: str) -> bool:
     """Whether a kernel of ``kind`` takes ``a``: a contiguous CUDA tensor of a dtype in
     ``DTYPES``, where Triton is there."""
     return a.is_cuda and a.dtype in DTYPES and a.is_contiguous() and available()
+
+
+def applies_rows(g: torch.Tensor) -> bool:
+    """Whether the RMS kernels take ``g``: as :func:`applies`, rows up to ``MAX_ROW``."""
+    return applies(g, "rms") and 0 < g.shape[-1] <= MAX_ROW
+
+
+def rms_step(g: torch.Tensor, k: int, eps: float) -> tuple:
+    """x̂ = g / sqrt(mean(g[..., :k]²) + eps) over the last dim, and 1/rms (``g``'s shape
+    with a last dim of 1), as ``norms.rms_step``."""
+    n = g.shape[-1]
+    xhat = torch.empty_like(g)
+    rstd = g.new_empty(*g.shape[:-1], 1)
+    block, warps = _row_block(n)
+    _rms_forward[(g.numel() // n,)](g, xhat, rstd, n, k, eps, BLOCK=block, num_warps=warps)
+    key = ("rms", g.dtype, g.device)
+    if key not in _warm and not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
+        rms_step_backward(xhat, xhat, rstd, k)
+        _warm.add(key)
+    return xhat, rstd
+
+
+def rms_step_backward(gx: torch.Tensor, xhat: torch.Tensor, rstd, k: int) -> torch.Tensor:
+    """The gradient of :func:`rms_step`: (gx - 1[j<k] x̂ Σ(gx x̂) / k) / rms."""
+    gx = gx.reshape(xhat.shape).contiguous()
+    n = gx.shape[-1]
+    out = torch.empty_like(gx)
+    block, warps = _row_block(n)
+    _rms_backward[(gx.numel() // n,)](gx, xhat, rstd, out, n, k, BLOCK=block, num_warps=warps)
+    return out
+
+
+def _row_block(n: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n)
+    return block, min(16, max(1, block // 256))
 
 
 def _grid(a: torch.Tensor) -> tuple:
@@ -51,9 +93,6 @@ def _grid(a: torch.Tensor) -> tuple:
     steps = a.numel() // (batch * features)
     block_b = min(MAX_BLOCK_B, triton.next_power_of_2(batch))
     return (steps, triton.cdiv(features, BLOCK_F)), steps, batch, features, block_b
-
-
-_warm: set = set()  # (kind, dtype, device): backward compiled
 
 
 def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
@@ -207,3 +246,26 @@ if triton is not None:
                     v = tl.where(tl.abs(xv) == top[None, :], v, 0.0)
                 y = (gv - sg[None, :]) / d[None, :] - k[None, :] * (v - sv[None, :])
             tl.store(dx + where, y.to(dx.dtype.element_ty), mask=m)
+
+    @triton.jit(do_not_specialize=["n", "k", "eps"])
+    def _rms_forward(g, xhat, rstd, n, k, eps, BLOCK: tl.constexpr):
+        """One row: 1/rms over its first k values, x̂ = row / rms."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(g + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
+        part = tl.where(cols < k, x, 0.0)
+        r = 1.0 / tl.sqrt(tl.sum(part * part, axis=0) / k + eps)
+        tl.store(rstd + row, r.to(rstd.dtype.element_ty))
+        tl.store(xhat + row * n + cols, (x * r).to(xhat.dtype.element_ty), mask=cols < n)
+
+    @triton.jit(do_not_specialize=["n", "k"])
+    def _rms_backward(g, xhat, rstd, dx, n, k, BLOCK: tl.constexpr):
+        """One row: dx = g / rms - 1[j<k] x̂ Σ(g x̂) / (k rms)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        gv = tl.load(g + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
+        xv = tl.load(xhat + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
+        r = tl.load(rstd + row).to(tl.float32)
+        dot = tl.sum(gv * xv, axis=0) / k
+        y = gv * r - tl.where(cols < k, xv * (dot * r), 0.0)
+        tl.store(dx + row * n + cols, y.to(dx.dtype.element_ty), mask=cols < n)
