@@ -130,6 +130,13 @@ if triton is not None:
     def _sign(v):
         return tl.where(v > 0, 1.0, 0.0) - tl.where(v < 0, 1.0, 0.0)
 
+    @triton.jit
+    def _tile(b0, batch, features, base, cols, live, BLOCK_B: tl.constexpr):
+        """The offsets and mask of rows b0 to b0 + BLOCK_B of a step's block of columns."""
+        rows = b0 + tl.arange(0, BLOCK_B)
+        mask = (rows < batch)[:, None] & live[None, :]
+        return base + rows[:, None] * features + cols[None, :], mask
+
     @triton.jit(do_not_specialize=["batch", "features", "eps", "c"])
     def _forward(a, xhat, mean, stat, den, batch, features, eps, c, KIND: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
@@ -141,23 +148,20 @@ if triton is not None:
         base = s * batch * features
         total = tl.zeros([BLOCK_F], tl.float32)
         for b0 in tl.range(0, batch, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            m = (rows < batch)[:, None] & live[None, :]
-            x = tl.load(a + base + rows[:, None] * features + cols[None, :], mask=m, other=0.0)
+            where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
+            x = tl.load(a + where, mask=m, other=0.0)
             total += tl.sum(x.to(tl.float32), axis=0)
         mu = total / batch
         fix = tl.zeros([BLOCK_F], tl.float32)
         for b0 in tl.range(0, batch, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            m = (rows < batch)[:, None] & live[None, :]
-            x = tl.load(a + base + rows[:, None] * features + cols[None, :], mask=m, other=0.0)
+            where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
+            x = tl.load(a + where, mask=m, other=0.0)
             fix += tl.sum(tl.where(m, x.to(tl.float32) - mu[None, :], 0.0), axis=0)
         mu += fix / batch
         acc = tl.zeros([BLOCK_F], tl.float32)
         for b0 in tl.range(0, batch, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            m = (rows < batch)[:, None] & live[None, :]
-            x = tl.load(a + base + rows[:, None] * features + cols[None, :], mask=m, other=0.0)
+            where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
+            x = tl.load(a + where, mask=m, other=0.0)
             v = tl.where(m, x.to(tl.float32) - mu[None, :], 0.0)
             if KIND == 0:
                 acc += tl.sum(v * v, axis=0)
@@ -179,9 +183,7 @@ if triton is not None:
         tl.store(stat + out, st.to(stat.dtype.element_ty), mask=live)
         tl.store(den + out, d.to(den.dtype.element_ty), mask=live)
         for b0 in tl.range(0, batch, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            m = (rows < batch)[:, None] & live[None, :]
-            where = base + rows[:, None] * features + cols[None, :]
+            where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
             x = tl.load(a + where, mask=m, other=0.0)
             y = (x.to(tl.float32) - mu[None, :]) / d[None, :]
             tl.store(xhat + where, y.to(xhat.dtype.element_ty), mask=m)
@@ -202,9 +204,7 @@ if triton is not None:
         sv = tl.zeros([BLOCK_F], tl.float32)
         top = tl.zeros([BLOCK_F], tl.float32)
         for b0 in tl.range(0, batch, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            m = (rows < batch)[:, None] & live[None, :]
-            where = base + rows[:, None] * features + cols[None, :]
+            where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
             gv = tl.load(g + where, mask=m, other=0.0).to(tl.float32)
             xv = tl.load(xhat + where, mask=m, other=0.0).to(tl.float32)
             sg += tl.sum(gv, axis=0)
@@ -216,9 +216,7 @@ if triton is not None:
         ties = tl.zeros([BLOCK_F], tl.float32)
         if KIND == 2:
             for b0 in tl.range(0, batch, BLOCK_B):
-                rows = b0 + tl.arange(0, BLOCK_B)
-                m = (rows < batch)[:, None] & live[None, :]
-                where = base + rows[:, None] * features + cols[None, :]
+                where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
                 xv = tl.load(xhat + where, mask=m, other=0.0).to(tl.float32)
                 hit = tl.where(m & (tl.abs(xv) == top[None, :]), 1.0, 0.0)
                 ties += tl.sum(hit, axis=0)
@@ -233,9 +231,7 @@ if triton is not None:
             k = sgx / d * c / tl.maximum(ties, 1.0)
         sv = sv / batch
         for b0 in tl.range(0, batch, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            m = (rows < batch)[:, None] & live[None, :]
-            where = base + rows[:, None] * features + cols[None, :]
+            where, m = _tile(b0, batch, features, base, cols, live, BLOCK_B)
             gv = tl.load(g + where, mask=m, other=0.0).to(tl.float32)
             xv = tl.load(xhat + where, mask=m, other=0.0).to(tl.float32)
             if KIND == 0:
