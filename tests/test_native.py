@@ -261,6 +261,29 @@ def test_triton_steps_in_a_cuda_graph(kind):
     assert torch.equal(dx, native.step_backward(kind, g.clone(), want[0], want[3], c))
 
 
+def test_a_gpu_that_triton_cannot_run_on_falls_back_with_a_warning(monkeypatch):
+    """The kernels are tried once per device; where they fail (an older GPU, a broken
+    driver), a warning names the error and torch's ops take over, instead of the run
+    failing at its first step. (Without a GPU: the probe's kernels replaced.)"""
+    calls = []
+
+    def broken(*args):
+        calls.append(args[0])
+        raise RuntimeError("Triton does not support this GPU (sm_52)")
+
+    triton_steps.works.cache_clear()
+    try:
+        monkeypatch.setattr(triton_steps, "step", broken)
+        with pytest.warns(UserWarning, match=r"torch's ops.*sm_52"):
+            assert not triton_steps.works(torch.device("cpu"))
+        assert not triton_steps.works(torch.device("cpu")) and calls == ["l1"]  # once
+        monkeypatch.setattr(triton_steps, "step", lambda *args: None)
+        monkeypatch.setattr(triton_steps, "rms_step", lambda *args: None)
+        assert triton_steps.works(torch.device("meta"))
+    finally:
+        triton_steps.works.cache_clear()
+
+
 @needs_triton
 def test_triton_steps_apply_to_contiguous_float_cuda_tensors_and_switch_off(monkeypatch):
     """float32 and half precision on the GPU take the kernels; float64 and strided tensors

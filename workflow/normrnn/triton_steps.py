@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -47,10 +48,26 @@ def available() -> bool:
 _warm: set = set()  # (kind, dtype, device): backward compiled
 
 
+@functools.cache
+def works(device: torch.device) -> bool:
+    """Whether the kernels compile and run on ``device`` (once per device: Triton may not
+    support an older GPU). If not, a warning names the error, and torch's ops take over."""
+    try:
+        probe = torch.ones(2, 4, device=device)
+        step("l1", probe, 1e-5, 1.0)  # and its backward
+        rms_step(probe, 4, 1e-5)
+    except Exception as err:  # noqa: BLE001 (whatever Triton or the driver raises)
+        warnings.warn(
+            f"normrnn: the GPU steps run on torch's ops, not Triton kernels: {err}", stacklevel=2
+        )
+        return False
+    return True
+
+
 def applies(a: torch.Tensor, kind: str) -> bool:
     """Whether a kernel of ``kind`` takes ``a``: a contiguous CUDA tensor of a dtype in
-    ``DTYPES``, where Triton is there."""
-    return a.is_cuda and a.dtype in DTYPES and a.is_contiguous() and available()
+    ``DTYPES``, where Triton is there and its kernels run on the tensor's device."""
+    return a.is_cuda and a.dtype in DTYPES and a.is_contiguous() and available() and works(a.device)
 
 
 def applies_rows(g: torch.Tensor) -> bool:
