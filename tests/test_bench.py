@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from normrnn import bench, native
+from normrnn import bench, memory, native
 
 
 def test_saved_bytes_counts_what_autograd_keeps():
@@ -35,7 +35,11 @@ def test_step_flops_by_hand():
     assert bench.step_flops("gru", 3, 5, 7, 11) == 3 * 2 * 11 * 7 * 8 * 3 * 5
 
 
-def test_cli_writes_every_variant(tmp_path, capsys):
+def test_cli_writes_every_variant(tmp_path, capsys, monkeypatch):
+    """Every variant's row, with the run's settings; the bench has freed memory kept as the
+    pipeline's jobs do (here recorded, not done: mallopt would outlast the test)."""
+    kept = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: kept.append(True))
     out = tmp_path / "b.json"
     argv = ["--hidden=8", "--batch=4", "--steps=5", "--norms=none,bn", "--quants=fp,bc",
             "--cells=lstm,gru", "--repeats=2", "--warmup=1", f"--json={out}"]  # fmt: skip
@@ -53,9 +57,19 @@ def test_cli_writes_every_variant(tmp_path, capsys):
         "allocator",
         "bn_steps",
     }
-    assert keys <= set(rows[0])
+    assert keys <= set(rows[0]) and kept == [True]
+    assert {r["allocator"] for r in rows} == {memory.describe()}
     compiled = native.library() is not None
     assert {r["bn_steps"] for r in rows} == {"compiled" if compiled else "torch"}
     assert all(r["train_ratio"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
     text = capsys.readouterr().out
     assert "sgemm roof" in text and "allocator" in text and "batch-norm steps" in text
+
+
+def test_glibc_defaults_leave_the_allocator_alone(monkeypatch):
+    kept = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: kept.append(True))
+    argv = ["--hidden=4", "--batch=2", "--steps=2", "--norms=none", "--quants=fp",
+            "--cells=lstm", "--repeats=1", "--warmup=1", "--glibc-defaults"]  # fmt: skip
+    env, rows = bench.run(bench.parse(argv))
+    assert kept == [] and len(rows) == 1

@@ -7,7 +7,9 @@ warm-up excluded, median of ``--repeats``): training-step throughput (forward + 
 one sequence) and inference throughput, as ratios to the baseline; the memory a training step
 saves for backward (exact, from autograd's saved-tensor hooks; on CUDA the peak allocated);
 and the fraction of the machine's sgemm roof the training step reaches. The threads and the
-memory allocator are recorded: the allocator alone moves the CPU baseline by a third.
+memory allocator are recorded: the allocator alone moves the CPU baseline by a factor of up to
+2.4 (``memory.py``). Like the pipeline's jobs, the bench has glibc keep freed memory, unless
+``--glibc-defaults``.
 """
 
 from __future__ import annotations
@@ -22,19 +24,11 @@ import time
 
 import torch
 
-from . import native, triton_steps
+from . import memory, native, triton_steps
 from .cells import CELLS
 from .norms import NORMS
 from .quantizers import QUANTIZERS
 from .sequence import POOL, kept_tensors
-
-
-def allocator() -> str:
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in ("jemalloc", "tcmalloc", "mimalloc"):
-        if name in preload:
-            return f"{name} ({os.environ.get('MALLOC_CONF', 'default settings')})"
-    return "glibc malloc" if platform.system() == "Linux" else "system default"
 
 
 def sync(device):
@@ -189,6 +183,12 @@ def parse(argv=None):
         action="store_true",
         help="CUDA fp32 matmuls in TF32, for cuDNN and for torch alike (default: neither)",
     )
+    p.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's malloc at its defaults: freed memory unmapped at once, which "
+        "slows the fused baseline (default: kept, as in the pipeline's jobs)",
+    )
     p.add_argument("--json", default=None, help="write the rows as a JSON list here")
     p.add_argument("--csv", default=None, help="write the rows as CSV here")
     args = p.parse_args(argv)
@@ -200,6 +200,8 @@ ROW_ENV = ("threads", "allocator", "device", "dtype", "tf32", "bn_steps")  # rep
 
 
 def run(args) -> tuple[dict, list[dict]]:
+    if not args.glibc_defaults:
+        memory.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -213,7 +215,7 @@ def run(args) -> tuple[dict, list[dict]]:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        "allocator": allocator(),
+        "allocator": memory.describe(),
         "sgemm_gflops": roof,
         "machine": platform.processor() or platform.machine(),
         "tf32": args.tf32 if device.type == "cuda" else None,

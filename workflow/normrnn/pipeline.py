@@ -53,17 +53,21 @@ def prepare_job(smk):
         print(json.dumps({k: v for k, v in meta.items() if k != "vocab"}, indent=2))
 
 
-def _threads(smk):
+def _setup(smk):
+    """A training or evaluation job's threads, and freed memory kept (``memory.py``)."""
     import torch
 
+    from .memory import keep_freed_memory
+
     torch.set_num_threads(max(1, int(smk.threads)))
+    keep_freed_memory()
 
 
 def train_job(smk):
     from .training import train
 
     with logged(smk):
-        _threads(smk)
+        _setup(smk)
         info = train(
             dict(smk.params.hp),
             Path(smk.input.meta).parent,
@@ -82,7 +86,7 @@ def evaluate_job(smk):
     from .evaluation import evaluate_run
 
     with logged(smk):
-        _threads(smk)
+        _setup(smk)
         result = evaluate_run(
             smk.input.model,
             smk.input.info,
