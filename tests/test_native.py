@@ -19,6 +19,7 @@ from normrnn.norms import (
     BatchNormTerm,
     L1BatchNorm,
     LinfBatchNorm,
+    compiled_steps,
     linf_constant,
     rms_step,
     rms_step_backward,
@@ -116,7 +117,7 @@ def test_triton_step_is_as_accurate_as_float32_definitions(case, kind):
     computed in float32 (ties as in float64: equal values stay equal in any arithmetic)."""
     a, g = (t.float() for t in case)
     eps, c = 1e-5, constant(kind, a.shape[1])
-    got = native.step(kind, a.cuda(), eps, c)
+    got = triton_steps.step(kind, a.cuda(), eps, c)
     exact, rival = reference(kind, a, eps), reference(kind, a, eps, torch.float32)
     big, den = a.double().abs().amax(-2), exact[3].detach().squeeze(-2)  # (C, F)
     sizes = {"x̂": big / den, "mean": big, "stat": big * (c + den), "den": big * (c + 1)}
@@ -126,7 +127,7 @@ def test_triton_step_is_as_accurate_as_float32_definitions(case, kind):
     for dtype in (torch.float64, torch.float32):
         leaf = a.to(dtype).requires_grad_()
         grads += torch.autograd.grad(reference(kind, leaf, eps, dtype)[0], leaf, g.to(dtype))
-    dx = native.step_backward(kind, g.cuda(), got[0], got[3], c)
+    dx = triton_steps.step_backward(kind, g.cuda(), got[0], got[3], c)
     # the terms g / den, and x̂ · Σ g x̂ / den with x̂ as far off as x - mean is in float32
     size = g.double().abs().amax(-2) / den * (1 + big / den)
     as_good_as(dx, grads[1], grads[0], "dx", size)
@@ -180,7 +181,7 @@ def test_a_column_constant_over_the_batch_normalizes_to_zero(kind, device, dtype
     for batch in (3, 7, 100):
         a = torch.randn(2, batch, 5, dtype=dtype, device=device)
         a[:, :, 1] = 0.1
-        xhat, mean = native.step(kind, a, 1e-5, constant(kind, batch))[:2]
+        xhat, mean = compiled_steps(a).step(kind, a, 1e-5, constant(kind, batch))[:2]
         assert torch.equal(xhat[:, :, 1], torch.zeros_like(xhat[:, :, 1])), batch
         assert torch.equal(mean[:, 1], a[:, 0, 1]), batch
 
@@ -191,6 +192,7 @@ def test_compiled_step_in_float32_and_of_a_single_step(kind, device):
     """float32 within rounding of the float64 definitions (at a GPU kernel's block sizes and
     past them: 100 rows); a single (B, F) step as the same step stacked alone; a
     non-contiguous gradient as its contiguous copy."""
+    steps = triton_steps if device == "cuda" else native
     for batch in (64, 100):
         a = torch.randn(3, batch, 400, dtype=torch.float64) * 3 + 1
         g = torch.randn_like(a)
@@ -199,21 +201,21 @@ def test_compiled_step_in_float32_and_of_a_single_step(kind, device):
         leaf = a.clone().requires_grad_()
         xhat, *_ = reference(kind, leaf, 1e-5)
         (dx,) = torch.autograd.grad(xhat, leaf, g)
-        got = native.step(kind, a.float().to(device), 1e-5, c)
+        got = steps.step(kind, a.float().to(device), 1e-5, c)
         for w, x in zip([xhat.detach(), *want], got, strict=True):
             assert x.dtype == torch.float32 and x.device.type == device
             torch.testing.assert_close(x.cpu().double(), w, rtol=1e-5, atol=1e-5)
         g32 = g.float().to(device)
-        dx32 = native.step_backward(kind, g32, got[0], got[3], c)
+        dx32 = steps.step_backward(kind, g32, got[0], got[3], c)
         scale = dx.abs().max().item()
         torch.testing.assert_close(dx32.cpu().double(), dx, rtol=1e-4, atol=1e-4 * scale)
-        one = native.step(kind, a[1].float().to(device), 1e-5, c)
+        one = steps.step(kind, a[1].float().to(device), 1e-5, c)
         assert one[0].shape == (batch, 400)
         for w, x in zip(got, one, strict=True):
             torch.testing.assert_close(x.view(w[1].shape), w[1], rtol=0, atol=0)
         strided = g32.transpose(1, 2).contiguous().transpose(1, 2)
         assert not strided.is_contiguous()
-        again = native.step_backward(kind, strided, got[0], got[3], c)
+        again = steps.step_backward(kind, strided, got[0], got[3], c)
         torch.testing.assert_close(again, dx32, rtol=0, atol=0)
 
 
@@ -229,36 +231,36 @@ def test_triton_steps_in_half_precision(kind, dtype):
     g = torch.randn_like(a)
     c = constant(kind, 64)
     unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half an ulp, relative
-    want = native.step(kind, a.float(), 1e-5, c)
-    got = native.step(kind, a, 1e-5, c)
+    want = triton_steps.step(kind, a.float(), 1e-5, c)
+    got = triton_steps.step(kind, a, 1e-5, c)
     for w, x in zip(want, got, strict=True):
         assert x.dtype == dtype
         torch.testing.assert_close(x.float(), w, rtol=unit, atol=torch.finfo(dtype).tiny)
-    dx = native.step_backward(kind, g.float(), got[0].float(), got[3].float(), c)
-    dxh = native.step_backward(kind, g, got[0], got[3], c)
+    dx = triton_steps.step_backward(kind, g.float(), got[0].float(), got[3].float(), c)
+    dxh = triton_steps.step_backward(kind, g, got[0], got[3], c)
     assert dxh.dtype == dtype
     torch.testing.assert_close(dxh.float(), dx, rtol=unit, atol=torch.finfo(dtype).tiny)
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", sorted(native.KINDS))
+@pytest.mark.parametrize("kind", sorted(triton_steps.KINDS))
 def test_triton_steps_in_a_cuda_graph(kind):
     """A step and its backward captured in a CUDA graph (as the sequence path captures its
     loops) and replayed on new values give the eager numbers exactly."""
     a, g = torch.randn(64, 200, device="cuda"), torch.randn(64, 200, device="cuda")
     c = constant(kind, 64)
-    native.step(kind, a, 1e-5, c)  # warm: both kernels compiled outside the capture
+    triton_steps.step(kind, a, 1e-5, c)  # warm: both kernels compiled outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        xhat, mean, stat, den = native.step(kind, a, 1e-5, c)
-        dx = native.step_backward(kind, g, xhat, den, c)
+        xhat, mean, stat, den = triton_steps.step(kind, a, 1e-5, c)
+        dx = triton_steps.step_backward(kind, g, xhat, den, c)
     a.copy_(torch.randn_like(a) * 2 - 1)
     g.copy_(torch.randn_like(g))
     graph.replay()
-    want = native.step(kind, a.clone(), 1e-5, c)
+    want = triton_steps.step(kind, a.clone(), 1e-5, c)
     for w, x in zip(want, (xhat, mean, stat, den), strict=True):
         assert torch.equal(x, w)
-    assert torch.equal(dx, native.step_backward(kind, g.clone(), want[0], want[3], c))
+    assert torch.equal(dx, triton_steps.step_backward(kind, g.clone(), want[0], want[3], c))
 
 
 def test_a_gpu_that_triton_cannot_run_on_falls_back_with_a_warning(monkeypatch):
@@ -289,15 +291,15 @@ def test_triton_steps_apply_to_contiguous_float_cuda_tensors_and_switch_off(monk
     """float32 and half precision on the GPU take the kernels; float64 and strided tensors
     torch's ops, with the same numbers; ``NORMRNN_NATIVE=0`` switches them off."""
     a = torch.randn(64, 400, device="cuda")
-    assert native.applies(a, "l1") and native.applies(a.bfloat16(), "linf")
-    assert not native.applies(a.double(), "l1") and not native.applies(a.t(), "l1")
+    assert triton_steps.applies(a, "l1") and triton_steps.applies(a.bfloat16(), "linf")
+    assert not triton_steps.applies(a.double(), "l1") and not triton_steps.applies(a.t(), "l1")
     term = L1BatchNorm(400, max_steps=2).cuda()
     assert term.step(a, 0)[1][0] == "native"
     torch.testing.assert_close(term.step(a, 0)[0], term.step(a.double(), 0)[0].float())
     monkeypatch.setenv("NORMRNN_NATIVE", "0")
     triton_steps.available.cache_clear()
     try:
-        assert not native.applies(a, "l1") and term.step(a, 0)[1][0] == "batch"
+        assert not triton_steps.applies(a, "l1") and term.step(a, 0)[1][0] == "batch"
     finally:
         monkeypatch.undo()
         triton_steps.available.cache_clear()

@@ -40,7 +40,7 @@ def bn_steps(device: torch.device) -> str:
     """How the batch norms step on the sequence path: compiled loops (``native.py``) on the
     CPU, Triton kernels (``triton_steps.py``) on a GPU, or torch's ops."""
     if device.type == "cuda":
-        return "triton" if triton_steps.available() else "torch"
+        return "triton" if triton_steps.available() and triton_steps.works(device) else "torch"
     return "compiled" if device.type == "cpu" and native.library() else "torch"
 
 

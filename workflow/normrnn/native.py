@@ -1,6 +1,6 @@
 """The batch norms' steps as compiled loops (``csrc/batchnorm_step.cpp``), for the sequence
-path on the CPU; on a GPU the same steps are Triton kernels (``triton_steps.py``), to which
-:func:`applies`, :func:`step` and :func:`step_backward` hand CUDA tensors.
+path on the CPU (on a GPU, the same steps as Triton kernels: ``triton_steps.py``, with the
+same functions; ``norms.compiled_steps`` picks one by device).
 
 One step of L1 or L∞ batch norm in torch's ops is 7 ops forward and 9 (L1) to 18 (L∞)
 backward, each a pass over the step and a few µs of dispatch; at a recurrent step's size
@@ -32,8 +32,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from . import triton_steps
 
 SOURCE = Path(__file__).with_name("csrc") / "batchnorm_step.cpp"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
@@ -115,10 +113,7 @@ LIMIT = {"l2": 1 << 19}
 
 def applies(a: torch.Tensor, kind: str) -> bool:
     """Whether the compiled step of ``kind`` takes ``a``: a contiguous float32/float64 CPU
-    tensor within ``LIMIT``, and the library is there; or a CUDA tensor that
-    ``triton_steps.applies`` takes."""
-    if a.is_cuda:
-        return triton_steps.applies(a, kind)
+    tensor within ``LIMIT``, and the library is there."""
     return (
         a.device.type == "cpu"
         and a.dtype in _SUFFIX
@@ -132,8 +127,6 @@ def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
     """Normalizes ``a`` (B, F), or a stack (C, B, F) of steps, each over its batch, with the
     estimator ``kind`` (``KINDS``) and its constant ``c``. Returns x̂ (``a``'s shape) and the
     mean, statistic and denominator (C, F) of each step."""
-    if a.is_cuda:
-        return triton_steps.step(kind, a, eps, c)
     batch, features = a.shape[-2:]
     steps = a.numel() // (batch * features)
     xhat = torch.empty_like(a)
@@ -148,8 +141,6 @@ def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
 
 def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float):
     """dL/da of :func:`step` from ``gx`` = dL/dx̂ (any strides), its x̂ and denominator."""
-    if gx.is_cuda:
-        return triton_steps.step_backward(kind, gx, xhat, den, c)
     gx = gx.contiguous()
     batch, features = gx.shape[-2:]
     out = torch.empty_like(gx)

@@ -319,10 +319,10 @@ class BatchNormTerm(TermNorm):
             idx = self._slots(t, len(a) if a.dim() == 3 else 1, a.device)
             den = self.denominator(self.running_stat[idx]).view(rows)
             return (a - self.running_mean[idx].view(rows)) / den, ("population", den)
-        kind = self.native_kind
-        if kind is not None and native.applies(a, kind):
+        kind, steps = self.native_kind, compiled_steps(a)
+        if kind is not None and steps.applies(a, kind):
             c = self.native_constant(a.shape[-2])
-            xhat, mean, stat, den = native.step(kind, a, self.eps, c)
+            xhat, mean, stat, den = steps.step(kind, a, self.eps, c)
             self._pending.append((mean, stat, t))
             return xhat, ("native", kind, xhat, den, c)
         if type(self).statistic is BatchNormTerm.statistic:  # L2
@@ -351,7 +351,7 @@ class BatchNormTerm(TermNorm):
             return gx / saved[0]
         if kind == "native":
             estimator, xhat, den, c = saved
-            return native.step_backward(estimator, gx, xhat, den, c)
+            return compiled_steps(gx).step_backward(estimator, gx, xhat, den, c)
         if kind == "l2":
             a, mean, invstd = saved
             mask = [True, False, False]
@@ -459,6 +459,12 @@ class BatchNormTerm(TermNorm):
         self.running_stat.fill_(1.0)
         self.updates.zero_()
         self.steps_seen.zero_()
+
+
+def compiled_steps(a: torch.Tensor):
+    """The batch norms' compiled steps for ``a``'s device: Triton kernels on a GPU
+    (``triton_steps``), C++ loops on the CPU (``native``); each says where it ``applies``."""
+    return triton_steps if a.is_cuda else native
 
 
 @functools.cache

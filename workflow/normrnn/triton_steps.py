@@ -5,9 +5,9 @@ On a GPU one step of L1 or L∞ batch norm in torch's ops is 7 kernels forward a
 times per sequence, took longer than the recurrent matrix products. Here a step is one kernel
 each way: a program takes a block of columns (features) of one step and sweeps its batch
 rows. The math, including the corrected mean and the sharing of ties, is that of the compiled
-CPU loops (``csrc/batchnorm_step.cpp``), with the same signatures (``native.step`` and
-``native.step_backward`` dispatch here for CUDA tensors); ``tests/test_native.py`` holds both
-to the estimators' float64 definitions and to autograd.
+CPU loops (``csrc/batchnorm_step.cpp``), with the same functions as ``native.py``
+(``norms.compiled_steps`` picks this module for CUDA tensors); ``tests/test_native.py`` holds
+both to the estimators' float64 definitions and to autograd.
 
 RMSNorm and pRMSNorm (``norms.rms_step``) are a row kernel each way likewise, a program per
 row of a gate block: in torch's ops they were 5 kernels forward and 5 to 6 backward.
@@ -26,13 +26,14 @@ import warnings
 
 import torch
 
+from .native import KINDS  # the estimators, numbered as in the compiled CPU loops
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: torch's ops (or the compiled CPU loops)
     triton = None
 
-KINDS = {"l2": 0, "l1": 1, "linf": 2}  # as in native.KINDS
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_F = 32  # columns per program; the rows are swept BLOCK_B at a time
 MAX_BLOCK_B = 64
@@ -83,11 +84,17 @@ def rms_step(g: torch.Tensor, k: int, eps: float) -> tuple:
     rstd = g.new_empty(*g.shape[:-1], 1)
     block, warps = _row_block(n)
     _rms_forward[(g.numel() // n,)](g, xhat, rstd, n, k, eps, BLOCK=block, num_warps=warps)
-    key = ("rms", g.dtype, g.device)
-    if key not in _warm and not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
-        rms_step_backward(xhat, xhat, rstd, k)
-        _warm.add(key)
+    _compile_backward("rms", g, lambda: rms_step_backward(xhat, xhat, rstd, k))
     return xhat, rstd
+
+
+def _compile_backward(kind: str, a: torch.Tensor, backward) -> None:
+    """Runs ``backward`` once per estimator, dtype and device, outside a graph's capture: it
+    compiles then, not while the backward's graph is being captured."""
+    key = (kind, a.dtype, a.device)
+    if key not in _warm and not (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+        backward()
+        _warm.add(key)
 
 
 def rms_step_backward(gx: torch.Tensor, xhat: torch.Tensor, rstd, k: int) -> torch.Tensor:
@@ -122,10 +129,7 @@ def step(kind: str, a: torch.Tensor, eps: float, c: float) -> tuple:
         a, xhat, mean, stat, den, batch, features, eps, c,
         KIND=KINDS[kind], BLOCK_B=block_b, BLOCK_F=BLOCK_F,
     )  # fmt: skip
-    key = (kind, a.dtype, a.device)
-    if key not in _warm and not (a.is_cuda and torch.cuda.is_current_stream_capturing()):
-        step_backward(kind, xhat, xhat, den, c)  # compiled now, not in a graph's capture
-        _warm.add(key)
+    _compile_backward(kind, a, lambda: step_backward(kind, xhat, xhat, den, c))
     return xhat, mean, stat, den
 
 
