@@ -361,12 +361,20 @@ def test_parallel_builds_leave_one_library_that_later_calls_reuse(tmp_path):
 
 @needs_compiler
 def test_a_changed_source_builds_a_new_library(tmp_path, monkeypatch):
-    source = tmp_path / "batchnorm_step.cpp"
-    source.write_text(native.SOURCE.read_text() + "\n// changed\n")
+    """A change to any source, or to a header (the sources include them from ``CSRC``),
+    names a new library."""
+    source = tmp_path / "lstm_loop.cpp"
+    source.write_text(native.SOURCES[1].read_text() + "\n// changed\n")
     first = native.build(tmp_path / "cache")
-    monkeypatch.setattr(native, "SOURCE", source)
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], source))
     second = native.build(tmp_path / "cache")
-    assert first != second and first.exists() and second.exists()
+    headers = tmp_path / "csrc"
+    headers.mkdir()
+    for header in native.CSRC.glob("*.h"):
+        (headers / header.name).write_text(header.read_text() + "\n// changed\n")
+    monkeypatch.setattr(native, "CSRC", headers)
+    third = native.build(tmp_path / "cache")
+    assert len({first, second, third}) == 3 and all(p.exists() for p in (first, second, third))
 
 
 @needs_compiler
@@ -375,7 +383,7 @@ def test_a_failed_build_names_the_error_and_falls_back(fresh_library, monkeypatc
     library is off with a warning saying so, and a batch norm steps in torch's ops."""
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], broken))
     with pytest.raises(subprocess.CalledProcessError) as err:
         native.build(tmp_path / "other")
     assert "broken.cpp" in err.value.stderr

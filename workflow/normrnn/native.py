@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "batchnorm_step.cpp"
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "batchnorm_step.cpp", CSRC / "lstm_loop.cpp")  # with CSRC's headers
+# -fno-trapping-math: the loops' clamps (exp's range) vectorize; no code here reads FP traps
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-trapping-math")
 KINDS = {"l2": 0, "l1": 1, "linf": 2}  # the source's scale estimators
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _CALLS: dict = {}  # (library, dtype): its forward and backward, set up by library()
@@ -64,7 +66,10 @@ def library() -> ctypes.CDLL | None:
         fwd.argtypes = [ptr] * 5 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ctypes.c_double]
         bwd.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ptr]
         fwd.restype = bwd.restype = None
-        _CALLS[lib, dtype] = fwd, bwd
+        loops = getattr(lib, f"lstm_forward_{suffix}"), getattr(lib, f"lstm_backward_{suffix}")
+        for fn in loops:
+            fn.argtypes, fn.restype = [ctypes.POINTER(_Loop)], None
+        _CALLS[lib, dtype] = fwd, bwd, *loops
     return lib
 
 
@@ -76,10 +81,11 @@ def build(cache: Path | None = None) -> Path:
     if cxx is None:
         raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     cache = Path(cache or os.environ.get("NORMRNN_NATIVE_CACHE") or _default_cache())
+    text = b"".join(p.read_bytes() for p in (*SOURCES, *sorted(CSRC.glob("*.h"))))
     key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((cxx, FLAGS, platform.machine(), platform.system())).encode()
+        text + repr((cxx, FLAGS, platform.machine(), platform.system())).encode()
     ).hexdigest()[:16]
-    target = cache / f"batchnorm_step-{key}.so"
+    target = cache / f"normrnn-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -87,7 +93,9 @@ def build(cache: Path | None = None) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            [cxx, *FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp],
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             raise subprocess.CalledProcessError(
@@ -150,3 +158,106 @@ def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float
         gx.numel() // (batch * features), batch, features, KINDS[kind], c, work.data_ptr(),
     )  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------- the LSTM loop
+# The sequence path's LSTM recurrence as one call each way (csrc/lstm_loop.cpp), its matrix
+# products through the BLAS that torch links, called by address (the Fortran gemm).
+TERM_KINDS = {**KINDS, "ln": 3, "rms": 4}  # the loop's terms besides none (-1)
+_GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
+
+
+class _Term(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("groups", ctypes.c_int32),
+        ("k", ctypes.c_int64),
+        ("eps", ctypes.c_double),
+        ("c", ctypes.c_double),
+        *((name, ctypes.c_void_p) for name in ("weight", "bias", "xhat", "mean", "stat", "den")),
+    ]
+
+
+class _Loop(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("steps", "batch", "size")),
+        *((name, ctypes.c_void_p) for name in ("gemm", "x", "w", "hs", "cs", "act", "tcs", "work")),
+        *((name, ctypes.c_double) for name in ("candidate_scale", "cell_scale", "output_scale")),
+        ("hidden", _Term),
+        ("cell", _Term),
+        *(
+            (name, ctypes.c_void_p)
+            for name in ("d_y", "d_hT", "d_cT", "d_pre", "d_a", "d_cn", "d_h0", "d_c0")
+        ),
+    ]
+
+
+@functools.cache
+def gemm(dtype: torch.dtype) -> int | None:
+    """The address of the Fortran gemm (``sgemm_``/``dgemm_``) of the BLAS that torch links,
+    checked on a small product against ``torch.mm``; None where there is none (a build of
+    torch without an exported BLAS) or it does not agree."""
+    name = _GEMM.get(dtype)
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for path in (*sorted(lib_dir.glob("libtorch_cpu.*")), None):
+        try:
+            fn = getattr(ctypes.CDLL(None if path is None else str(path)), name)
+        except (OSError, AttributeError, TypeError):
+            continue
+        if _gemm_agrees(fn, dtype):
+            return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def _gemm_agrees(fn, dtype) -> bool:
+    """C = A B for a 3x5 A and 5x4 B (column-major, as the loop calls it) equals torch.mm."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=gen, dtype=dtype)
+    b = torch.randn(4, 5, generator=gen, dtype=dtype)
+    c = torch.zeros(4, 3, dtype=dtype)  # column-major (3, 4)
+    i32 = ctypes.c_int32
+    scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+    m, n, k = i32(3), i32(4), i32(5)
+    one, zero = scalar(1), scalar(0)
+    p = ctypes.c_void_p
+    fn.argtypes, fn.restype = None, None
+    fn(
+        b"N", b"N", ctypes.byref(m), ctypes.byref(n), ctypes.byref(k), ctypes.byref(one),
+        p(a.data_ptr()), ctypes.byref(m), p(b.data_ptr()), ctypes.byref(k), ctypes.byref(zero),
+        p(c.data_ptr()), ctypes.byref(m),
+    )  # fmt: skip
+    return torch.allclose(c, b @ a, rtol=1e-5, atol=1e-5)
+
+
+def loop_applies(x: torch.Tensor) -> bool:
+    """Whether the LSTM loop runs on ``x``'s device and dtype: a CPU float32/float64 tensor,
+    the library there and a BLAS gemm found."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _GEMM
+        and library() is not None
+        and gemm(x.dtype) is not None
+    )
+
+
+def lstm_loop(backward: bool, dims: tuple, scales: tuple, hidden, cell, **arrays) -> None:
+    """One call of the loop (forward, or ``backward``) over ``dims`` (steps, batch, size):
+    ``scales`` (candidate, cell, output); ``hidden`` and ``cell`` None or (spec, tensors)
+    with spec (kind, groups, k, eps, c) and the tensors weight, bias, xhat, mean, stat,
+    den (each may be None); ``arrays`` the loop's other pointers by name (``_Loop``), all
+    contiguous, of one dtype, as ``csrc/lstm_loop.cpp`` lays them out."""
+    dtype = arrays["w"].dtype
+    loop = _Loop(*dims, gemm(dtype))
+    loop.candidate_scale, loop.cell_scale, loop.output_scale = scales
+    for name, tensor in arrays.items():
+        setattr(loop, name, None if tensor is None else tensor.data_ptr())
+    loop.hidden, loop.cell = _term(hidden), _term(cell)
+    _CALLS[library(), dtype][3 if backward else 2](ctypes.byref(loop))
+
+
+def _term(term) -> _Term:
+    if term is None:
+        return _Term(kind=-1)
+    (kind, groups, k, eps, c), tensors = term
+    pointers = (None if t is None else t.data_ptr() for t in tensors)
+    return _Term(TERM_KINDS[kind], groups, k, eps, c, *pointers)

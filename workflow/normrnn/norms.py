@@ -119,6 +119,15 @@ class TermNorm(nn.Module):
         """dL/da from ``gx`` = dL/dx̂ (the gains' factor already applied)."""
         raise NotImplementedError
 
+    def loop(self, batch: int) -> tuple | None:
+        """This term in the compiled LSTM loop (``native.lstm_loop``) at a batch of
+        ``batch``: (kind, groups, k, eps, c) with kind in ``native.TERM_KINDS``; None where
+        the loop has no form of it (the sequence path then steps in Python)."""
+        return None
+
+    def loop_statistics(self, mean: torch.Tensor, stat: torch.Tensor) -> None:
+        """The loop's per-step statistics (T, features) of a sequence, after it ran."""
+
     @property
     def has_step(self) -> bool:
         return type(self).step is not TermNorm.step
@@ -154,6 +163,9 @@ class GroupLayerNorm(_GroupNorm):
         g = self.grouped(a)
         xhat, mean, rstd = torch.native_layer_norm(g, g.shape[-1:], None, None, self.eps)
         return xhat.view(a.shape), (g, mean, rstd)
+
+    def loop(self, batch):
+        return "ln", self.groups, self.features // self.groups, self.eps, 0.0
 
     def step_backward(self, gx, saved):
         g, mean, rstd = saved
@@ -200,6 +212,9 @@ class GroupRMSNorm(_GroupNorm):
         xhat, saved = rms_step(g, g.shape[-1], self.eps)
         return xhat.view(a.shape), saved
 
+    def loop(self, batch):
+        return "rms", self.groups, self.features // self.groups, self.eps, 0.0
+
     def step_backward(self, gx, saved):
         return rms_step_backward(gx, saved).view(gx.shape)
 
@@ -222,6 +237,9 @@ class PartialRMSNorm(TermNorm):
     def step(self, a, t):
         xhat, saved = rms_step(self.grouped(a), self.k, self.eps)
         return xhat.view(a.shape), saved
+
+    def loop(self, batch):
+        return "rms", self.groups, self.k, self.eps, 0.0
 
     def step_backward(self, gx, saved):
         return rms_step_backward(gx, saved).view(gx.shape)
@@ -312,6 +330,17 @@ class BatchNormTerm(TermNorm):
         """In training, shared statistics of a block are taken over all its steps at once,
         that is, over its T·B rows as one step."""
         return not (self.shared and self.training)
+
+    def loop(self, batch):
+        """Batch statistics with a compiled estimator (in eval mode the layer steps in
+        Python, with the population statistics)."""
+        kind = self.native_kind
+        if not self.training or kind is None:
+            return None
+        return kind, 1, 0, self.eps, self.native_constant(batch)
+
+    def loop_statistics(self, mean, stat):
+        self._pending.append((mean, stat, 0))
 
     def step(self, a, t):
         rows = (-1, 1, a.shape[-1]) if a.dim() == 3 else (1, a.shape[-1])  # a row per step

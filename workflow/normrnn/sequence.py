@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import graphs
+from . import graphs, native
 
 # Elements of the input term per call of its step (see _parts): 16 steps at B=64, H=100.
 STACK = 16 * 64 * 400
@@ -341,7 +341,12 @@ class _LSTMSequence(torch.autograd.Function):
 
 
 def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c):
-    """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps."""
+    """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps.
+    Where the compiled loop takes the recurrence (:func:`_loop_specs`), it runs that."""
+    specs = _loop_specs(rec, x)
+    if specs is not None:
+        args = (x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c)
+        return _lstm_forward_compiled(rec, ws, specs, *args)
     xp = _project(ws, x, w_ih)
     steps, batch, gates = xp.shape
     size = gates // 4
@@ -388,6 +393,9 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
 
 def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
     """The backward of :func:`_lstm_forward`: the gradients of the Function's inputs."""
+    if terms[0] == "compiled":
+        args = (x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT)
+        return _lstm_backward_compiled(rec, ws, terms, need_x, *args)
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
     saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c = terms
     steps, batch, gates = act.shape
@@ -438,6 +446,111 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
     d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, p)
     grads = [d_x, d_w, torch.mm(da, w_hh), dc, *d_input]
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
+
+
+def _loop_specs(rec: Recurrence, x: torch.Tensor) -> tuple | None:
+    """The hidden and cell terms' forms in the compiled loop (``TermNorm.loop``; None for an
+    absent term), or None where the loop does not run: not on ``x``'s device or dtype
+    (``native.loop_applies``), or a term without a form there."""
+    if x.shape[0] == 0 or not native.loop_applies(x):
+        return None
+    terms = (rec.hidden, rec.cell)
+    specs = tuple(None if t is None else t.loop(x.shape[1]) for t in terms)
+    if any(t is not None and s is None for t, s in zip(terms, specs, strict=True)):
+        return None
+    return specs
+
+
+def _loop_term(ws, name, spec, weight, bias, steps, batch, features):
+    """A term's arguments to the loop: its spec and its gains, shift and the arrays the loop
+    writes (x̂; the batch norms' mean and statistic, fresh tensors that the term keeps for its
+    population statistics, and denominator; the row norms' mean and 1/std or 1/rms)."""
+    if spec is None:
+        return None
+    xhat = ws(f"{name}_xhat", steps, batch, features)
+    if spec[0] in native.KINDS:
+        mean, stat = weight.new_empty(2, steps, features).unbind(0)
+        den = ws(f"{name}_den", steps, features)
+    else:
+        rows = batch * spec[1]
+        mean = ws(f"{name}_rows_mean", steps, rows) if spec[0] == "ln" else None
+        stat, den = None, ws(f"{name}_rows_den", steps, rows)
+    bias = None if bias is None else bias.contiguous()
+    return spec, (weight.contiguous(), bias, xhat, mean, stat, den)
+
+
+def _loop_work(ws, batch, size) -> torch.Tensor:
+    return ws("loop_work", 12 * batch * size + 3 * batch * size + 20 * size)
+
+
+def _scales(rec: Recurrence) -> tuple:
+    return rec.candidate_scale, rec.cell_scale, rec.output_scale
+
+
+def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
+    """:func:`_lstm_forward` in the compiled loop: the input term for all steps (normalized
+    as :func:`_input_steps` does, with its gains and the bias), then one call."""
+    w_x, b_x, w_h, b_h, w_c, b_c = terms
+    xp = _project(ws, x, w_ih)
+    steps, batch, gates = xp.shape
+    size = gates // 4
+    saved_x, xhat_x = [], []
+    if rec.input is None:
+        xin = xp.contiguous()
+    else:
+        _input_steps(rec, xp, saved_x, xhat_x)
+        xin = ws("xin", steps, batch, gates)
+        parts = xin.split([part.numel() // (batch * gates) for part in xhat_x])
+        for out, part in zip(parts, xhat_x, strict=True):
+            part = part.view(out.shape)
+            if bias is None:
+                torch.mul(part, w_x, out=out)
+            else:
+                torch.addcmul(bias, part, w_x, out=out)
+            if b_x is not None:
+                out.add_(b_x)
+    act = ws("act", steps, batch, gates)
+    cs = ws("cs", steps + 1, batch, size)
+    tcs = ws("tcs", steps, batch, size)
+    hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
+    hs[0], cs[0] = h0, c0
+    hidden = _loop_term(ws, "h", specs[0], w_h, b_h, steps, batch, gates)
+    cell = _loop_term(ws, "c", specs[1], w_c, b_c, steps, batch, size)
+    native.lstm_loop(
+        False, (steps, batch, size), _scales(rec), hidden, cell,
+        x=xin, w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs,
+        work=_loop_work(ws, batch, size),
+    )  # fmt: skip
+    for term, args in ((rec.hidden, hidden), (rec.cell, cell)):
+        if args is not None and args[1][4] is not None:
+            term.loop_statistics(args[1][3], args[1][4])
+    return hs, cs, ("compiled", saved_x, xhat_x, hidden, cell)
+
+
+def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT):
+    """:func:`_lstm_backward` after :func:`_lstm_forward_compiled`."""
+    _, saved_x, xhat_x, hidden, cell = terms
+    act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
+    steps, batch, gates = act.shape
+    size = gates // 4
+    d_pre = torch.empty_like(act) if rec.input is None else ws("d_pre", *act.shape)
+    d_a = ws("d_a", *act.shape) if hidden is not None else None
+    d_cn = ws("d_cn", steps, batch, size) if cell is not None else None
+    d_h0, d_c0 = hs.new_empty(2, batch, size).unbind(0)
+    native.lstm_loop(
+        True, (steps, batch, size), _scales(rec), hidden, cell,
+        w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs, work=_loop_work(ws, batch, size),
+        d_y=d_y.contiguous(), d_hT=d_hT.contiguous(), d_cT=d_cT.contiguous(),
+        d_pre=d_pre, d_a=d_a, d_cn=d_cn, d_h0=d_h0, d_c0=d_c0,
+    )  # fmt: skip
+    d_w = torch.mm((d_pre if d_a is None else d_a).flatten(0, 1).t(), hs[:-1].flatten(0, 1))
+    spare = ws("p", steps, batch, gates)
+    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
+    grads = [d_x, d_w, d_h0, d_c0, *d_input]
+    xhat_h = [] if hidden is None else [hidden[1][2]]
+    xhat_c = [] if cell is None else [cell[1][2]]
+    grads += _term_grads(rec.hidden, xhat_h, d_pre, spare)
+    return grads + _term_grads(rec.cell, xhat_c, d_cn, ws("k", steps, batch, size))
 
 
 def gru_sequence(rec: Recurrence, x, w_hh, b_hn, h0, bias=None, w_ih=None):

@@ -1,0 +1,159 @@
+"""The compiled LSTM loop (``csrc/lstm_loop.cpp`` through ``native.lstm_loop``): held to the
+sequence path's steps in torch's ops, which tests/test_cells.py holds to the plain step
+loop, and to finite differences; where it runs and where it steps aside."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cells import assert_same, run_path
+from torch.func import functional_call
+
+from normrnn import CELLS, native
+
+pytestmark = pytest.mark.skipif(
+    native.compiler() is None or native.gemm(torch.float32) is None,
+    reason="no C++ compiler, or torch exports no BLAS gemm",
+)
+
+# The norms whose LSTM steps the loop takes in training (every term has a form there).
+LOOP_NORMS = ["bn", "bn_shared", "l1bn", "linfbn", "ln", "rms", "prms", "normprop"]
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """Each call of the loop, as "forward" or "backward"."""
+    seen, real = [], native.lstm_loop
+
+    def spy(backward, *args, **kw):
+        seen.append("backward" if backward else "forward")
+        return real(backward, *args, **kw)
+
+    monkeypatch.setattr(native, "lstm_loop", spy)
+    return seen
+
+
+def python_steps(monkeypatch) -> None:
+    """The sequence path without the loop: its steps in torch's ops (and compiled steps)."""
+    monkeypatch.setattr(native, "loop_applies", lambda x: False)
+
+
+@pytest.mark.parametrize("quant", ["fp", "twn", "bc"])
+@pytest.mark.parametrize("norm", LOOP_NORMS)
+def test_the_loop_equals_the_python_steps(norm, quant, calls, monkeypatch):
+    """Outputs, final state, every gradient and the population statistics, to 1e-5."""
+    got = run_path("lstm", norm, quant, "sequence")
+    assert calls == ["forward", "backward"]
+    python_steps(monkeypatch)
+    ref = run_path("lstm", norm, quant, "sequence")
+    assert calls == ["forward", "backward"]  # no more
+    assert got.keys() == ref.keys()
+    assert_same(got, ref)
+
+
+def run_once(layer, x, state, loop: bool) -> list:
+    """Outputs, final state and every gradient of one forward and backward, with the loop
+    or with the Python steps, in the layer's dtype."""
+    applies = native.loop_applies
+    dtype = next(layer.parameters()).dtype
+    x, *state = (v.to(dtype, copy=True).requires_grad_() for v in (x, *state))
+    params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters()}
+    try:
+        if not loop:
+            native.loop_applies = lambda x: False
+        y, last = functional_call(layer, params, (x, tuple(state)))
+        (y.pow(2).mean() + sum(s.mean() for s in last)).backward()
+    finally:
+        native.loop_applies = applies
+    grads = [x.grad, *(s.grad for s in state), *(p.grad for p in params.values())]
+    return [v.detach().double() for v in (y, *last, *grads) if v is not None]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    norm=st.sampled_from(LOOP_NORMS),
+    steps=st.integers(1, 5),
+    batch=st.integers(2, 7),
+    hidden=st.integers(1, 11),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+)
+def test_the_loop_at_any_size_and_scale(norm, steps, batch, hidden, scale):
+    """Odd sizes (vector loops' tails, one unit per gate) and large pre-activations (exp's
+    clamps, saturated gates): the loop in float32 is as close to the float64 numbers as the
+    Python steps in float32 are (4 times their error, plus 1e-5 of the scale: a norm over two
+    values or two examples is ill-conditioned in either), one draw of layer and inputs."""
+    torch.manual_seed(steps * 100 + batch * 10 + hidden)
+    opts = {"p": 0.5} if norm == "prms" else None
+    layer = CELLS["lstm"](3, hidden, norm=norm, max_steps=steps, norm_opts=opts)
+    x = torch.randn(steps, batch, 3) * scale
+    state = [torch.randn(batch, hidden) for _ in range(2)]
+    got = run_once(layer, x, state, loop=True)
+    rival = run_once(layer, x, state, loop=False)
+    exact = run_once(layer.double(), x, state, loop=False)
+    for g, r, e in zip(got, rival, exact, strict=True):
+        bound = 4 * (r - e).abs().max() + 1e-5 * max(1.0, e.abs().max().item())
+        assert (g - e).abs().max() <= bound
+
+
+@pytest.mark.parametrize("norm", LOOP_NORMS + ["none"])
+def test_the_loop_in_float64_against_finite_differences(norm, calls):
+    layer = CELLS["lstm"](2, 3, norm=norm, max_steps=3, norm_opts=None).double()
+    layer.path = "sequence"
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    params = [p.detach().clone().requires_grad_() for n, p in layer.named_parameters()]
+    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return functional_call(layer, dict(zip(names, ps, strict=True)), (x,))[0]
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+    assert "forward" in calls and "backward" in calls
+
+
+def test_a_nan_reaches_the_outputs_as_in_the_python_steps(monkeypatch):
+    """A diverged run must read as one: a NaN in the input spreads through the loop to the
+    same outputs as through torch's ops (exp's clamps keep NaN), and no further."""
+    torch.manual_seed(1)
+    layer = CELLS["lstm"](3, 8, norm="ln", max_steps=4)
+    x = torch.randn(4, 5, 3)
+    x[1, 2, 0] = math.nan
+    got = layer(x)[0]
+    python_steps(monkeypatch)
+    ref = layer(x)[0]
+    assert got.isnan().any() and torch.equal(got.isnan(), ref.isnan())
+    torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+def test_where_the_loop_steps_aside(calls, monkeypatch):
+    """Eval-mode batch norms (population statistics), a term without a form in the loop
+    (L∞ with k > 1), and a torch without an exported gemm run the Python steps."""
+    x = torch.randn(4, 3, 5)
+    bn = CELLS["lstm"](5, 6, norm="bn", max_steps=4)
+    bn(x)
+    assert calls == ["forward"]
+    bn.eval()
+    bn(x)
+    top2 = CELLS["lstm"](5, 6, norm="linfbn", max_steps=4, norm_opts={"k": 2})
+    top2(x)
+    assert calls == ["forward"]
+    monkeypatch.setattr(native, "gemm", lambda dtype: None)
+    assert not native.loop_applies(x)
+    CELLS["lstm"](5, 6, norm="ln", max_steps=4)(x)
+    assert calls == ["forward"]
+    assert not native.loop_applies(x.half())
+
+
+def test_a_gemm_that_disagrees_with_torch_is_not_used(monkeypatch):
+    """``native.gemm`` hands over a BLAS gemm only after it computed torch's product; one
+    that does not leaves the loop off."""
+    native.gemm.cache_clear()
+    try:
+        assert isinstance(native.gemm(torch.float64), int)
+        native.gemm.cache_clear()
+        monkeypatch.setattr(native, "_gemm_agrees", lambda fn, dtype: False)
+        assert native.gemm(torch.float32) is None
+        assert not native.loop_applies(torch.randn(2, 2))
+    finally:
+        native.gemm.cache_clear()
