@@ -75,23 +75,28 @@ def run_once(layer, x, state, loop: bool) -> list:
 @given(
     norm=st.sampled_from(LOOP_NORMS),
     steps=st.integers(1, 5),
-    batch=st.integers(2, 7),
-    hidden=st.integers(1, 11),
+    batch=st.integers(3, 7),
+    hidden=st.integers(3, 11),
     scale=st.sampled_from([0.1, 1.0, 30.0]),
 )
 def test_the_loop_at_any_size_and_scale(norm, steps, batch, hidden, scale):
-    """Odd sizes (vector loops' tails, one unit per gate) and large pre-activations (exp's
-    clamps, saturated gates): the loop in float32 is as close to the float64 numbers as the
-    Python steps in float32 are (4 times their error, plus 1e-5 of the scale: a norm over two
-    values or two examples is ill-conditioned in either), one draw of layer and inputs."""
+    """Odd sizes (the vector loops' tails) and large pre-activations (exp's clamps, saturated
+    gates): the loop in float32 is as close to the float64 numbers as the Python steps in
+    float32 are (4 times their error, plus 1e-5 of the scale), one draw of layer and inputs.
+    Not below 3 examples or 3 units a block (pRMS: 2 in its estimate): a norm over two values
+    gives ±1, whose gradient is 0 plus float32 noise in either path. At the large scale only
+    the outputs: a saturated gate's derivative σ(1 - σ) keeps few digits in float32 either
+    way, and which of them is luck."""
     torch.manual_seed(steps * 100 + batch * 10 + hidden)
-    opts = {"p": 0.5} if norm == "prms" else None
+    opts = {"p": 0.67} if norm == "prms" else None
     layer = CELLS["lstm"](3, hidden, norm=norm, max_steps=steps, norm_opts=opts)
     x = torch.randn(steps, batch, 3) * scale
     state = [torch.randn(batch, hidden) for _ in range(2)]
     got = run_once(layer, x, state, loop=True)
     rival = run_once(layer, x, state, loop=False)
     exact = run_once(layer.double(), x, state, loop=False)
+    if scale > 1:
+        got, rival, exact = got[:3], rival[:3], exact[:3]  # y, h_T, c_T
     for g, r, e in zip(got, rival, exact, strict=True):
         bound = 4 * (r - e).abs().max() + 1e-5 * max(1.0, e.abs().max().item())
         assert (g - e).abs().max() <= bound
@@ -126,17 +131,38 @@ def test_a_nan_reaches_the_outputs_as_in_the_python_steps(monkeypatch):
     torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "linfbn"])
+@pytest.mark.parametrize("quant", ["fp", "twn"])
+def test_the_loop_with_population_statistics_equals_the_python_steps(
+    norm, quant, calls, monkeypatch
+):
+    """Eval mode: the batch norms' population statistics of each step (past the steps seen
+    in training, the last one's), outputs and gradients."""
+    got = run_path("lstm", norm, quant, "sequence", train=False)
+    assert calls == ["forward", "forward", "backward"]  # training's first batch, then eval
+    with monkeypatch.context() as patch:
+        python_steps(patch)
+        ref = run_path("lstm", norm, quant, "sequence", train=False)
+    assert_same(got, ref)
+    torch.manual_seed(0)
+    layer = CELLS["lstm"](5, 6, norm=norm, quant=quant, max_steps=3)
+    layer(torch.randn(2, 4, 5))  # two steps seen
+    layer.eval()
+    x = torch.randn(5, 4, 5)
+    with monkeypatch.context() as patch:
+        python_steps(patch)
+        ref = layer(x)[0]
+    torch.testing.assert_close(layer(x)[0], ref, atol=1e-5, rtol=1e-5)
+    assert calls == ["forward", "forward", "backward", "forward", "forward"]
+
+
 def test_where_the_loop_steps_aside(calls, monkeypatch):
-    """Eval-mode batch norms (population statistics), a term without a form in the loop
-    (L∞ with k > 1), and a torch without an exported gemm run the Python steps."""
+    """A term without a form in the loop (L∞ with k > 1), and a torch without an exported
+    gemm run the Python steps."""
     x = torch.randn(4, 3, 5)
-    bn = CELLS["lstm"](5, 6, norm="bn", max_steps=4)
-    bn(x)
-    assert calls == ["forward"]
-    bn.eval()
-    bn(x)
-    top2 = CELLS["lstm"](5, 6, norm="linfbn", max_steps=4, norm_opts={"k": 2})
-    top2(x)
+    CELLS["lstm"](5, 6, norm="linfbn", max_steps=4, norm_opts={"k": 2})(x)
+    assert calls == []
+    CELLS["lstm"](5, 6, norm="linfbn", max_steps=4)(x)
     assert calls == ["forward"]
     monkeypatch.setattr(native, "gemm", lambda dtype: None)
     assert not native.loop_applies(x)

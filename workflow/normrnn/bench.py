@@ -203,7 +203,15 @@ def parse(argv=None):
     return args
 
 
-ROW_ENV = ("threads", "allocator", "device", "dtype", "tf32", "bn_steps", "lstm_loop")  # repeated in every row
+ROW_ENV = (
+    "threads",
+    "allocator",
+    "device",
+    "dtype",
+    "tf32",
+    "bn_steps",
+    "lstm_loop",
+)  # repeated in every row
 
 
 def run(args) -> tuple[dict, list[dict]]:

@@ -163,7 +163,7 @@ def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float
 # --------------------------------------------------------------------------- the LSTM loop
 # The sequence path's LSTM recurrence as one call each way (csrc/lstm_loop.cpp), its matrix
 # products through the BLAS that torch links, called by address (the Fortran gemm).
-TERM_KINDS = {**KINDS, "ln": 3, "rms": 4}  # the loop's terms besides none (-1)
+TERM_KINDS = {**KINDS, "ln": 3, "rms": 4, "population": 5}  # the loop's terms, or none (-1)
 _GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
 
 

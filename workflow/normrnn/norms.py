@@ -332,12 +332,19 @@ class BatchNormTerm(TermNorm):
         return not (self.shared and self.training)
 
     def loop(self, batch):
-        """Batch statistics with a compiled estimator (in eval mode the layer steps in
-        Python, with the population statistics)."""
+        """In training, batch statistics with a compiled estimator; in eval mode the
+        population statistics (:meth:`population`)."""
+        if not self.training:
+            return "population", 1, 0, self.eps, 0.0
         kind = self.native_kind
-        if not self.training or kind is None:
-            return None
-        return kind, 1, 0, self.eps, self.native_constant(batch)
+        return None if kind is None else (kind, 1, 0, self.eps, self.native_constant(batch))
+
+    def population(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The population mean and denominator (steps, features) that eval mode normalizes
+        steps 0 to ``steps - 1`` with."""
+        idx = self._slots(0, steps, self.running_mean.device)
+        mean, den = self.running_mean[idx], self.denominator(self.running_stat[idx])
+        return mean.expand(steps, -1).contiguous(), den.expand(steps, -1).contiguous()
 
     def loop_statistics(self, mean, stat):
         self._pending.append((mean, stat, 0))

@@ -461,14 +461,18 @@ def _loop_specs(rec: Recurrence, x: torch.Tensor) -> tuple | None:
     return specs
 
 
-def _loop_term(ws, name, spec, weight, bias, steps, batch, features):
+def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
     """A term's arguments to the loop: its spec and its gains, shift and the arrays the loop
     writes (x̂; the batch norms' mean and statistic, fresh tensors that the term keeps for its
-    population statistics, and denominator; the row norms' mean and 1/std or 1/rms)."""
+    population statistics, and denominator; the row norms' mean and 1/std or 1/rms), or with
+    population statistics, reads (their mean and denominator)."""
     if spec is None:
         return None
     xhat = ws(f"{name}_xhat", steps, batch, features)
-    if spec[0] in native.KINDS:
+    if spec[0] == "population":
+        mean, den = term.population(steps)
+        stat = None
+    elif spec[0] in native.KINDS:
         mean, stat = weight.new_empty(2, steps, features).unbind(0)
         den = ws(f"{name}_den", steps, features)
     else:
@@ -514,8 +518,8 @@ def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     tcs = ws("tcs", steps, batch, size)
     hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
     hs[0], cs[0] = h0, c0
-    hidden = _loop_term(ws, "h", specs[0], w_h, b_h, steps, batch, gates)
-    cell = _loop_term(ws, "c", specs[1], w_c, b_c, steps, batch, size)
+    hidden = _loop_term(ws, "h", rec.hidden, specs[0], w_h, b_h, steps, batch, gates)
+    cell = _loop_term(ws, "c", rec.cell, specs[1], w_c, b_c, steps, batch, size)
     native.lstm_loop(
         False, (steps, batch, size), _scales(rec), hidden, cell,
         x=xin, w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs,

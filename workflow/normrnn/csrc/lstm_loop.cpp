@@ -8,7 +8,8 @@
 // Terms (the norms of W_h h_{t-1} and of c_t), by kind:
 //   -1 none;  0, 1, 2 batch norm with per-step statistics over the batch, estimator as in
 //   batchnorm.h (L2, L1, Linf with k = 1), constant c;  3 layer norm and 4 (partial) RMSNorm
-//   of each of `groups` blocks of a row, the RMS from the first k units of the block.
+//   of each of `groups` blocks of a row, the RMS from the first k units of the block;
+//   5 a batch norm's population statistics: x̂ = (a - mean_t) / den_t, both given.
 // A term's output is weight * x̂ + bias (bias may be absent).
 #include <cstring>
 
@@ -16,7 +17,7 @@
 
 namespace {
 
-enum TermKind { kNone = -1, kLayer = 3, kRms = 4 };
+enum TermKind { kNone = -1, kLayer = 3, kRms = 4, kPopulation = 5 };
 
 template <typename T>
 using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
@@ -30,9 +31,10 @@ struct Term {
   const void* weight;  // (F)
   const void* bias;    // (F), or null
   void* xhat;          // (T, B, F)
-  void* mean;          // batch norms: (T, F); layer norm: (T, B, groups)
+  void* mean;          // batch norms: (T, F), given for kPopulation; layer norm: (T, B, groups)
   void* stat;          // batch norms: (T, F)
-  void* den;           // batch norms: (T, F); row norms: 1 / rms or 1 / std, (T, B, groups)
+  void* den;           // batch norms: (T, F), given for kPopulation; row norms: 1 / rms or
+                       // 1 / std, (T, B, groups)
 };
 
 struct Loop {
@@ -98,7 +100,8 @@ struct Step {  // one term's arrays at one step
 
 template <typename T>
 NORMRNN_INLINE Step<T> at(const Term& term, int64_t t, int64_t batch, int64_t features) {
-  const int64_t rows = term.kind >= kLayer ? batch * term.groups : features;
+  const bool by_row = term.kind == kLayer || term.kind == kRms;
+  const int64_t rows = by_row ? batch * term.groups : features;
   return {static_cast<T*>(term.xhat) + t * batch * features,
           term.mean ? static_cast<T*>(term.mean) + t * rows : nullptr,
           term.stat ? static_cast<T*>(term.stat) + t * rows : nullptr,
@@ -176,6 +179,13 @@ NORMRNN_INLINE void term_forward(const T* a, const Term& term, Step<T> s, int64_
     case kLinf:
       forward<T, kLinf>(a, s.xhat, s.mean, s.stat, s.den, 1, batch, features, eps, c);
       break;
+    case kPopulation:
+      for (int64_t r = 0; r < batch; ++r) {
+        const T* __restrict__ v = a + r * features;
+        T* __restrict__ y = s.xhat + r * features;
+        for (int64_t j = 0; j < features; ++j) y[j] = (v[j] - s.mean[j]) / s.den[j];
+      }
+      break;
     default: row_forward(a, term, s, batch, features);
   }
 }
@@ -188,6 +198,11 @@ NORMRNN_INLINE void term_backward(const T* g, const Term& term, Step<T> s, T* ou
     case kL2: backward<T, kL2>(g, s.xhat, s.den, out, 1, batch, features, c, work); break;
     case kL1: backward<T, kL1>(g, s.xhat, s.den, out, 1, batch, features, c, work); break;
     case kLinf: backward<T, kLinf>(g, s.xhat, s.den, out, 1, batch, features, c, work); break;
+    case kPopulation:
+      for (int64_t r = 0; r < batch; ++r) {
+        for (int64_t j = 0; j < features; ++j) out[r * features + j] = g[r * features + j] / s.den[j];
+      }
+      break;
     default: row_backward(g, term, s, out, batch, features);
   }
 }
