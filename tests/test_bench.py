@@ -56,18 +56,18 @@ def test_cli_writes_every_variant(tmp_path, capsys, monkeypatch):
         "threads",
         "allocator",
         "bn_steps",
-        "lstm_loop",
+        "recurrence",
     }
     assert keys <= set(rows[0]) and kept == [True]
     assert {r["allocator"] for r in rows} == {memory.describe()}
     compiled = native.library() is not None
     assert {r["bn_steps"] for r in rows} == {"compiled" if compiled else "torch"}
     looped = compiled and native.gemm(torch.float32) is not None
-    assert {r["lstm_loop"] for r in rows} == {"compiled" if looped else "python"}
+    assert {r["recurrence"] for r in rows} == {"compiled" if looped else "python"}
     assert all(r["train_ratio"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
     text = capsys.readouterr().out
     assert "sgemm roof" in text and "allocator" in text and "batch-norm steps" in text
-    assert "LSTM loop" in text
+    assert "recurrence" in text
 
 
 def test_glibc_defaults_leave_the_allocator_alone(monkeypatch):

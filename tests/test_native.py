@@ -363,7 +363,7 @@ def test_parallel_builds_leave_one_library_that_later_calls_reuse(tmp_path):
 def test_a_changed_source_builds_a_new_library(tmp_path, monkeypatch):
     """A change to any source, or to a header (the sources include them from ``CSRC``),
     names a new library."""
-    source = tmp_path / "lstm_loop.cpp"
+    source = tmp_path / "recurrence.cpp"
     source.write_text(native.SOURCES[1].read_text() + "\n// changed\n")
     first = native.build(tmp_path / "cache")
     monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], source))

@@ -44,9 +44,9 @@ def bn_steps(device: torch.device) -> str:
     return "compiled" if device.type == "cpu" and native.library() else "torch"
 
 
-def lstm_loop(device: torch.device, dtype: torch.dtype) -> str:
-    """How the sequence path runs the LSTM recurrence: one compiled loop each way
-    (``csrc/lstm_loop.cpp``, CPU float32/float64), or steps in Python."""
+def recurrence(device: torch.device, dtype: torch.dtype) -> str:
+    """How the sequence path runs the LSTM and GRU recurrences: one compiled loop each way
+    (``csrc/recurrence.cpp``, CPU float32/float64), or steps in Python."""
     probe = torch.empty(0, device=device, dtype=dtype)
     return "compiled" if native.loop_applies(probe) else "python"
 
@@ -210,7 +210,7 @@ ROW_ENV = (
     "dtype",
     "tf32",
     "bn_steps",
-    "lstm_loop",
+    "recurrence",
 )  # repeated in every row
 
 
@@ -236,7 +236,7 @@ def run(args) -> tuple[dict, list[dict]]:
         "tf32": args.tf32 if device.type == "cuda" else None,
         "cuda_graphs": device.type == "cuda" and os.environ.get("NORMRNN_CUDA_GRAPHS") != "0",
         "bn_steps": bn_steps(device),
-        "lstm_loop": lstm_loop(device, dtype),
+        "recurrence": recurrence(device, dtype),
     }
     rows = []
     for cell in args.cells.split(","):
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     print(
         f"machine: {env['machine']}, {env['device']}, {env['dtype']}, {env['threads']} threads, "
         f"allocator {env['allocator']}, tf32 {env['tf32']}, cuda graphs {env['cuda_graphs']}, "
-        f"batch-norm steps {env['bn_steps']}, LSTM loop {env['lstm_loop']}, "
+        f"batch-norm steps {env['bn_steps']}, recurrence {env['recurrence']}, "
         f"sgemm roof {env['sgemm_gflops']:.1f} GFLOP/s, "
         f"fused training step at {rows[0]['roof_fraction_fused']:.0%} of it"
         if rows

@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "batchnorm_step.cpp", CSRC / "lstm_loop.cpp")  # with CSRC's headers
+SOURCES = (CSRC / "batchnorm_step.cpp", CSRC / "recurrence.cpp")  # with CSRC's headers
 # -fno-trapping-math: the loops' clamps (exp's range) vectorize; no code here reads FP traps
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-trapping-math")
 KINDS = {"l2": 0, "l1": 1, "linf": 2}  # the source's scale estimators
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _CALLS: dict = {}  # (library, dtype): its forward and backward, set up by library()
+_LOOPS: dict = {}  # (library, dtype, cell): the recurrence's forward and backward
 
 
 def compiler() -> str | None:
@@ -66,10 +67,15 @@ def library() -> ctypes.CDLL | None:
         fwd.argtypes = [ptr] * 5 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ctypes.c_double]
         bwd.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int, ctypes.c_double, ptr]
         fwd.restype = bwd.restype = None
-        loops = getattr(lib, f"lstm_forward_{suffix}"), getattr(lib, f"lstm_backward_{suffix}")
-        for fn in loops:
-            fn.argtypes, fn.restype = [ctypes.POINTER(_Loop)], None
-        _CALLS[lib, dtype] = fwd, bwd, *loops
+        _CALLS[lib, dtype] = fwd, bwd
+        for cell in ("lstm", "gru"):
+            loops = (
+                getattr(lib, f"{cell}_forward_{suffix}"),
+                getattr(lib, f"{cell}_backward_{suffix}"),
+            )
+            for fn in loops:
+                fn.argtypes, fn.restype = [ctypes.POINTER(_Loop)], None
+            _LOOPS[lib, dtype, cell] = loops
     return lib
 
 
@@ -160,9 +166,10 @@ def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float
     return out
 
 
-# --------------------------------------------------------------------------- the LSTM loop
-# The sequence path's LSTM recurrence as one call each way (csrc/lstm_loop.cpp), its matrix
-# products through the BLAS that torch links, called by address (the Fortran gemm).
+# --------------------------------------------------------------------------- the recurrences
+# The sequence path's LSTM and GRU recurrences as one call each way (csrc/recurrence.cpp),
+# their matrix products through the BLAS that torch links, called by address (the Fortran
+# gemm).
 TERM_KINDS = {**KINDS, "ln": 3, "rms": 4, "population": 5}  # the loop's terms, or none (-1)
 _GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
 
@@ -189,6 +196,8 @@ class _Loop(ctypes.Structure):
             (name, ctypes.c_void_p)
             for name in ("d_y", "d_hT", "d_cT", "d_pre", "d_a", "d_cn", "d_h0", "d_c0")
         ),
+        ("b_hn", ctypes.c_void_p),
+        ("d_hid", ctypes.c_void_p),
     ]
 
 
@@ -206,6 +215,11 @@ def gemm(dtype: torch.dtype) -> int | None:
             continue
         if _gemm_agrees(fn, dtype):
             return ctypes.cast(fn, ctypes.c_void_p).value
+    warnings.warn(
+        f"normrnn: the recurrences step in Python, not compiled: torch exports no BLAS "
+        f"{name} that computes torch.mm's product",
+        stacklevel=2,
+    )
     return None
 
 
@@ -230,8 +244,8 @@ def _gemm_agrees(fn, dtype) -> bool:
 
 
 def loop_applies(x: torch.Tensor) -> bool:
-    """Whether the LSTM loop runs on ``x``'s device and dtype: a CPU float32/float64 tensor,
-    the library there and a BLAS gemm found."""
+    """Whether the compiled recurrences run on ``x``'s device and dtype: a CPU
+    float32/float64 tensor, the library there and a BLAS gemm found."""
     return (
         x.device.type == "cpu"
         and x.dtype in _GEMM
@@ -240,19 +254,20 @@ def loop_applies(x: torch.Tensor) -> bool:
     )
 
 
-def lstm_loop(backward: bool, dims: tuple, scales: tuple, hidden, cell, **arrays) -> None:
-    """One call of the loop (forward, or ``backward``) over ``dims`` (steps, batch, size):
+def loop(kind: str, backward: bool, dims: tuple, scales: tuple, hidden, cell, **arrays) -> None:
+    """One call of the ``kind`` ("lstm", "gru") recurrence (forward, or ``backward``) over
+    ``dims`` (steps, batch, size):
     ``scales`` (candidate, cell, output); ``hidden`` and ``cell`` None or (spec, tensors)
     with spec (kind, groups, k, eps, c) and the tensors weight, bias, xhat, mean, stat,
     den (each may be None); ``arrays`` the loop's other pointers by name (``_Loop``), all
-    contiguous, of one dtype, as ``csrc/lstm_loop.cpp`` lays them out."""
+    contiguous, of one dtype, as ``csrc/recurrence.cpp`` lays them out."""
     dtype = arrays["w"].dtype
-    loop = _Loop(*dims, gemm(dtype))
-    loop.candidate_scale, loop.cell_scale, loop.output_scale = scales
+    call = _Loop(*dims, gemm(dtype))
+    call.candidate_scale, call.cell_scale, call.output_scale = scales
     for name, tensor in arrays.items():
-        setattr(loop, name, None if tensor is None else tensor.data_ptr())
-    loop.hidden, loop.cell = _term(hidden), _term(cell)
-    _CALLS[library(), dtype][3 if backward else 2](ctypes.byref(loop))
+        setattr(call, name, None if tensor is None else tensor.data_ptr())
+    call.hidden, call.cell = _term(hidden), _term(cell)
+    _LOOPS[library(), dtype, kind][backward](ctypes.byref(call))
 
 
 def _term(term) -> _Term:

@@ -120,7 +120,7 @@ class TermNorm(nn.Module):
         raise NotImplementedError
 
     def loop(self, batch: int) -> tuple | None:
-        """This term in the compiled LSTM loop (``native.lstm_loop``) at a batch of
+        """This term in the compiled recurrences (``native.loop``) at a batch of
         ``batch``: (kind, groups, k, eps, c) with kind in ``native.TERM_KINDS``; None where
         the loop has no form of it (the sequence path then steps in Python)."""
         return None

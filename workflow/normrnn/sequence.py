@@ -448,13 +448,13 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
-def _loop_specs(rec: Recurrence, x: torch.Tensor) -> tuple | None:
-    """The hidden and cell terms' forms in the compiled loop (``TermNorm.loop``; None for an
-    absent term), or None where the loop does not run: not on ``x``'s device or dtype
-    (``native.loop_applies``), or a term without a form there."""
+def _loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | None:
+    """The hidden and (with ``cell``: the LSTM) cell terms' forms in the compiled loop
+    (``TermNorm.loop``; None for an absent term), or None where the loop does not run: not
+    on ``x``'s device or dtype (``native.loop_applies``), or a term without a form there."""
     if x.shape[0] == 0 or not native.loop_applies(x):
         return None
-    terms = (rec.hidden, rec.cell)
+    terms = (rec.hidden, rec.cell if cell else None)
     specs = tuple(None if t is None else t.loop(x.shape[1]) for t in terms)
     if any(t is not None and s is None for t, s in zip(terms, specs, strict=True)):
         return None
@@ -491,6 +491,27 @@ def _scales(rec: Recurrence) -> tuple:
     return rec.candidate_scale, rec.cell_scale, rec.output_scale
 
 
+def _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x: list, xhat_x: list) -> torch.Tensor:
+    """The input term of all steps for the loop: ``xp`` itself without ``rec.input``, else
+    normalized as :func:`_input_steps` does (``saved_x``, ``xhat_x`` as there), with its
+    gains, shift and the bias, into the workspace."""
+    if rec.input is None:
+        return xp.contiguous()
+    steps, batch, gates = xp.shape
+    _input_steps(rec, xp, saved_x, xhat_x)
+    xin = ws("loop_xin", steps, batch, gates)  # (the GRU's steps have an "xin" of one step)
+    parts = xin.split([part.numel() // (batch * gates) for part in xhat_x])
+    for out, part in zip(parts, xhat_x, strict=True):
+        part = part.view(out.shape)
+        if bias is None:
+            torch.mul(part, w_x, out=out)
+        else:
+            torch.addcmul(bias, part, w_x, out=out)
+        if b_x is not None:
+            out.add_(b_x)
+    return xin
+
+
 def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     """:func:`_lstm_forward` in the compiled loop: the input term for all steps (normalized
     as :func:`_input_steps` does, with its gains and the bias), then one call."""
@@ -499,20 +520,7 @@ def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     steps, batch, gates = xp.shape
     size = gates // 4
     saved_x, xhat_x = [], []
-    if rec.input is None:
-        xin = xp.contiguous()
-    else:
-        _input_steps(rec, xp, saved_x, xhat_x)
-        xin = ws("xin", steps, batch, gates)
-        parts = xin.split([part.numel() // (batch * gates) for part in xhat_x])
-        for out, part in zip(parts, xhat_x, strict=True):
-            part = part.view(out.shape)
-            if bias is None:
-                torch.mul(part, w_x, out=out)
-            else:
-                torch.addcmul(bias, part, w_x, out=out)
-            if b_x is not None:
-                out.add_(b_x)
+    xin = _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x, xhat_x)
     act = ws("act", steps, batch, gates)
     cs = ws("cs", steps + 1, batch, size)
     tcs = ws("tcs", steps, batch, size)
@@ -520,8 +528,8 @@ def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     hs[0], cs[0] = h0, c0
     hidden = _loop_term(ws, "h", rec.hidden, specs[0], w_h, b_h, steps, batch, gates)
     cell = _loop_term(ws, "c", rec.cell, specs[1], w_c, b_c, steps, batch, size)
-    native.lstm_loop(
-        False, (steps, batch, size), _scales(rec), hidden, cell,
+    native.loop(
+        "lstm", False, (steps, batch, size), _scales(rec), hidden, cell,
         x=xin, w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs,
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
@@ -541,8 +549,8 @@ def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y,
     d_a = ws("d_a", *act.shape) if hidden is not None else None
     d_cn = ws("d_cn", steps, batch, size) if cell is not None else None
     d_h0, d_c0 = hs.new_empty(2, batch, size).unbind(0)
-    native.lstm_loop(
-        True, (steps, batch, size), _scales(rec), hidden, cell,
+    native.loop(
+        "lstm", True, (steps, batch, size), _scales(rec), hidden, cell,
         w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs, work=_loop_work(ws, batch, size),
         d_y=d_y.contiguous(), d_hT=d_hT.contiguous(), d_cT=d_cT.contiguous(),
         d_pre=d_pre, d_a=d_a, d_cn=d_cn, d_h0=d_h0, d_c0=d_c0,
@@ -579,7 +587,12 @@ class _GRUSequence(torch.autograd.Function):
 
 
 def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
-    """The forward loop: returns all h_t (from h0) and the terms' saved steps."""
+    """The forward loop: returns all h_t (from h0) and the terms' saved steps. Where the
+    compiled loop takes the recurrence (:func:`_loop_specs`), it runs that."""
+    specs = _loop_specs(rec, x, cell=False)
+    if specs is not None:
+        args = (x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h)
+        return _gru_forward_compiled(rec, ws, specs[0], *args)
     xp = _project(ws, x, w_ih)
     steps, batch, gates = xp.shape
     size = gates // 3
@@ -616,6 +629,9 @@ def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
 
 def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT):
     """The backward of :func:`_gru_forward`: the gradients of the Function's inputs."""
+    if terms[0] == "compiled":
+        args = (x, w_hh, w_ih, w_x, hs, d_y, d_hT)
+        return _gru_backward_compiled(rec, ws, terms, need_x, *args)
     hidden = rec.hidden
     act, hnb = ws.buffers["act"], ws.buffers["hnb"]
     saved_x, saved_h, xhat_x, xhat_h = terms
@@ -660,3 +676,50 @@ def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT
     d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
     grads = [d_x, d_w, d_b_hn, dh, *d_input]
     return grads + _term_grads(hidden, xhat_h, d_hid, spare)
+
+
+def _gru_forward_compiled(rec, ws, spec, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
+    """:func:`_gru_forward` in the compiled loop (see :func:`_lstm_forward_compiled`)."""
+    xp = _project(ws, x, w_ih)
+    steps, batch, gates = xp.shape
+    size = gates // 3
+    saved_x, xhat_x = [], []
+    xin = _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x, xhat_x)
+    act = ws("act", steps, batch, gates)
+    hnb = ws("hnb", steps, batch, size)
+    hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
+    hs[0] = h0
+    hidden = _loop_term(ws, "h", rec.hidden, spec, w_h, b_h, steps, batch, gates)
+    native.loop(
+        "gru", False, (steps, batch, size), _scales(rec), hidden, None,
+        x=xin, w=w_hh.contiguous(), hs=hs, act=act, tcs=hnb, b_hn=b_hn.contiguous(),
+        work=_loop_work(ws, batch, size),
+    )  # fmt: skip
+    if hidden is not None and hidden[1][4] is not None:
+        rec.hidden.loop_statistics(hidden[1][3], hidden[1][4])
+    return hs, ("compiled", saved_x, xhat_x, hidden)
+
+
+def _gru_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT):
+    """:func:`_gru_backward` after :func:`_gru_forward_compiled`."""
+    _, saved_x, xhat_x, hidden = terms
+    act, hnb = ws.buffers["act"], ws.buffers["hnb"]
+    steps, batch, gates = act.shape
+    size = gates // 3
+    d_pre = torch.empty_like(act) if rec.input is None else ws("d_pre", *act.shape)
+    d_hid = ws("d_hid", *act.shape)
+    d_a = ws("d_a", *act.shape) if hidden is not None else None
+    d_h0 = hs.new_empty(batch, size)
+    native.loop(
+        "gru", True, (steps, batch, size), _scales(rec), hidden, None,
+        w=w_hh.contiguous(), hs=hs, act=act, tcs=hnb, work=_loop_work(ws, batch, size),
+        d_y=d_y.contiguous(), d_hT=d_hT.contiguous(), d_pre=d_pre, d_a=d_a, d_hid=d_hid,
+        d_h0=d_h0,
+    )  # fmt: skip
+    d_w = torch.mm((d_hid if d_a is None else d_a).flatten(0, 1).t(), hs[:-1].flatten(0, 1))
+    d_b_hn = d_pre[..., 2 * size :].mul(act[..., :size]).sum((0, 1))
+    spare = ws("xhat", steps, batch, gates)
+    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
+    grads = [d_x, d_w, d_b_hn, d_h0, *d_input]
+    xhat_h = [] if hidden is None else [hidden[1][2]]
+    return grads + _term_grads(rec.hidden, xhat_h, d_hid, spare)

@@ -1,11 +1,12 @@
-// The LSTM recurrence of the sequence path (normrnn/sequence.py) as one compiled loop each
-// way: at the sequential-MNIST size (B=64, H=100) a step in torch's ops is two dozen calls
-// of 5-15 µs each, several times the arithmetic. Here a step is one matrix product through
-// the BLAS that torch links (its gemm's address comes from Python) and a few passes over the
-// step's gates. The math is that of _lstm_forward and _lstm_backward in sequence.py, whose
-// tests (tests/test_native.py) hold this loop to them and to autograd.
+// The LSTM and GRU recurrences of the sequence path (normrnn/sequence.py) as one compiled
+// loop each way: at the sequential-MNIST size (B=64, H=100) a step in torch's ops is two dozen
+// calls of 5-15 µs each, several times the arithmetic. Here a step is one matrix product
+// through the BLAS that torch links (its gemm's address comes from Python) and a few passes
+// over the step's gates. The math is that of _lstm_forward/_lstm_backward and
+// _gru_forward/_gru_backward in sequence.py; tests/test_recurrence.py holds this loop to them,
+// to float64 and to finite differences.
 //
-// Terms (the norms of W_h h_{t-1} and of c_t), by kind:
+// Terms (the norms of W_h h_{t-1} and, in the LSTM, of c_t), by kind:
 //   -1 none;  0, 1, 2 batch norm with per-step statistics over the batch, estimator as in
 //   batchnorm.h (L2, L1, Linf with k = 1), constant c;  3 layer norm and 4 (partial) RMSNorm
 //   of each of `groups` blocks of a row, the RMS from the first k units of the block;
@@ -57,6 +58,10 @@ struct Loop {
   void* d_cn;        // (T, B, H): the cell term's output gradient (with a cell term)
   void* d_h0;        // (B, H)
   void* d_c0;        // (B, H)
+  // the GRU (gates r, z, n; act holds σ(r), σ(z), tanh(u) unscaled, tcs the recurrent n
+  // term with its bias, W_hn h + b_hn; x, w, d_pre, d_a and the term of 3H gates)
+  const void* b_hn;  // (H)
+  void* d_hid;       // (T, B, 3H): the gradient of the (normalized) W_h h
 };
 
 // exp in a form the compiler vectorizes (Cephes' expf: 2^n e^r, |r| <= ln2 / 2, a degree-6
@@ -379,9 +384,129 @@ NORMRNN_INLINE void lstm_backward(const Loop& L) {
   gemm("N", "N", &mh, &n, &kg, &one, w, &mh, da, &kg, &zero, static_cast<T*>(L.d_h0), &mh);
 }
 
+// The GRU of cells.GRULayer: r, z = σ(x_rz + a_rz), u = x_n + r (a_n + b_hn),
+// h' = n + z (h - n) with n = s_g tanh(u), a the (normalized) W_h h.
+template <typename T>
+NORMRNN_INLINE void gru_forward(const Loop& L) {
+  const int64_t B = L.batch, H = L.size, G = 3 * H, steps = L.steps;
+  const int m = static_cast<int>(G), n = static_cast<int>(B), k = static_cast<int>(H);
+  const T one = 1, zero = 0;
+  const auto gemm = reinterpret_cast<Gemm<T>>(L.gemm);
+  const T* w = static_cast<const T*>(L.w);
+  const T* __restrict__ b_hn = static_cast<const T*>(L.b_hn);
+  T* a = static_cast<T*>(L.work);  // W_h h_{t-1}, then the term's output
+  const T sg = static_cast<T>(L.candidate_scale);
+  const Term& hid = L.hidden;
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* x = static_cast<const T*>(L.x) + t * B * G;
+    const T* hp = static_cast<const T*>(L.hs) + t * B * H;
+    T* __restrict__ act = static_cast<T*>(L.act) + t * B * G;
+    T* __restrict__ hnb = static_cast<T*>(L.tcs) + t * B * H;
+    T* __restrict__ h = static_cast<T*>(L.hs) + (t + 1) * B * H;
+    gemm("T", "N", &m, &n, &k, &one, w, &k, hp, &k, &zero, a, &m);
+    if (hid.kind != kNone) {
+      const Step<T> s = at<T>(hid, t, B, G);
+      term_forward(a, hid, s, B, G);
+      const T* __restrict__ wh = static_cast<const T*>(hid.weight);
+      const T* __restrict__ bh = static_cast<const T*>(hid.bias);
+      for (int64_t r = 0; r < B; ++r) {
+        for (int64_t j = 0; j < G; ++j) {
+          const T v = s.xhat[r * G + j] * wh[j];
+          a[r * G + j] = bh ? v + bh[j] : v;
+        }
+      }
+    }
+    for (int64_t r = 0; r < B; ++r) {
+      const T* __restrict__ xr = x + r * G;
+      const T* __restrict__ ar = a + r * G;
+      T* __restrict__ gates = act + r * G;
+      for (int64_t j = 0; j < 2 * H; ++j) gates[j] = sigmoid(xr[j] + ar[j]);
+      const T* __restrict__ hpr = hp + r * H;
+      T* __restrict__ hbr = hnb + r * H;
+      T* __restrict__ hr = h + r * H;
+      for (int64_t j = 0; j < H; ++j) {
+        hbr[j] = ar[2 * H + j] + b_hn[j];
+        const T nv = tanh_of(xr[2 * H + j] + gates[j] * hbr[j]);
+        gates[2 * H + j] = nv;
+        const T nt = nv * sg;
+        hr[j] = nt + gates[H + j] * (hpr[j] - nt);
+      }
+    }
+  }
+}
+
+template <typename T>
+NORMRNN_INLINE void gru_backward(const Loop& L) {
+  const int64_t B = L.batch, H = L.size, G = 3 * H, steps = L.steps;
+  const int mh = static_cast<int>(H), n = static_cast<int>(B), kg = static_cast<int>(G);
+  const T one = 1;
+  const auto gemm = reinterpret_cast<Gemm<T>>(L.gemm);
+  const T* w = static_cast<const T*>(L.w);
+  T* tmp = static_cast<T*>(L.work);  // the gains applied to the term's output gradient
+  T* dh = tmp + B * G;
+  T* bn_work = dh + B * H;
+  const T sg = static_cast<T>(L.candidate_scale);
+  const Term& hid = L.hidden;
+  const T* d_y = static_cast<const T*>(L.d_y);
+  const T* dhT = static_cast<const T*>(L.d_hT);
+  for (int64_t i = 0; i < B * H; ++i) dh[i] = d_y[(steps - 1) * B * H + i] + dhT[i];
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const T* __restrict__ act = static_cast<const T*>(L.act) + t * B * G;
+    const T* __restrict__ hnb = static_cast<const T*>(L.tcs) + t * B * H;
+    const T* __restrict__ hp = static_cast<const T*>(L.hs) + t * B * H;
+    T* __restrict__ dp = static_cast<T*>(L.d_pre) + t * B * G;
+    T* __restrict__ dhid = static_cast<T*>(L.d_hid) + t * B * G;
+    for (int64_t r = 0; r < B; ++r) {
+      const T* __restrict__ rg = act + r * G;
+      const T* __restrict__ zg = rg + H;
+      const T* __restrict__ ng = rg + 2 * H;
+      const T* __restrict__ hbr = hnb + r * H;
+      const T* __restrict__ hpr = hp + r * H;
+      const T* __restrict__ dhr = dh + r * H;
+      T* __restrict__ d_r = dp + r * G;
+      T* __restrict__ d_z = d_r + H;
+      T* __restrict__ d_u = d_r + 2 * H;
+      T* __restrict__ h_r = dhid + r * G;
+      T* __restrict__ h_z = h_r + H;
+      T* __restrict__ h_n = h_r + 2 * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const T du = dhr[j] * ((T(1) - ng[j] * ng[j]) * sg * (T(1) - zg[j]));
+        const T dz = dhr[j] * ((hpr[j] - sg * ng[j]) * (zg[j] - zg[j] * zg[j]));
+        const T dr = du * ((rg[j] - rg[j] * rg[j]) * hbr[j]);
+        d_u[j] = du;
+        d_z[j] = h_z[j] = dz;
+        d_r[j] = h_r[j] = dr;
+        h_n[j] = du * rg[j];
+      }
+    }
+    const T* da = dhid;
+    if (hid.kind != kNone) {
+      const T* __restrict__ wh = static_cast<const T*>(hid.weight);
+      for (int64_t r = 0; r < B; ++r) {
+        for (int64_t j = 0; j < G; ++j) tmp[r * G + j] = dhid[r * G + j] * wh[j];
+      }
+      T* d_a = static_cast<T*>(L.d_a) + t * B * G;
+      term_backward(tmp, hid, at<T>(hid, t, B, G), d_a, B, G, bn_work);
+      da = d_a;
+    }
+    for (int64_t r = 0; r < B; ++r) {
+      const T* __restrict__ zg = act + r * G + H;
+      T* __restrict__ dhr = dh + r * H;
+      const T* __restrict__ dyr = t > 0 ? d_y + (t - 1) * B * H + r * H : nullptr;
+      for (int64_t j = 0; j < H; ++j) dhr[j] = dyr ? dhr[j] * zg[j] + dyr[j] : dhr[j] * zg[j];
+    }
+    gemm("N", "N", &mh, &n, &kg, &one, w, &mh, da, &kg, &one, dh, &mh);  // += da W_h
+  }
+  std::memcpy(L.d_h0, dh, sizeof(T) * B * H);
+}
+
 }  // namespace
 
 extern "C" {
+NORMRNN_CLONES void gru_forward_f32(const Loop* loop) { gru_forward<float>(*loop); }
+NORMRNN_CLONES void gru_forward_f64(const Loop* loop) { gru_forward<double>(*loop); }
+NORMRNN_CLONES void gru_backward_f32(const Loop* loop) { gru_backward<float>(*loop); }
+NORMRNN_CLONES void gru_backward_f64(const Loop* loop) { gru_backward<double>(*loop); }
 NORMRNN_CLONES void lstm_forward_f32(const Loop* loop) { lstm_forward<float>(*loop); }
 NORMRNN_CLONES void lstm_forward_f64(const Loop* loop) { lstm_forward<double>(*loop); }
 NORMRNN_CLONES void lstm_backward_f32(const Loop* loop) { lstm_backward<float>(*loop); }

@@ -1,6 +1,7 @@
-"""The compiled LSTM loop (``csrc/lstm_loop.cpp`` through ``native.lstm_loop``): held to the
-sequence path's steps in torch's ops, which tests/test_cells.py holds to the plain step
-loop, and to finite differences; where it runs and where it steps aside."""
+"""The compiled LSTM and GRU recurrences (``csrc/recurrence.cpp`` through ``native.loop``):
+held to the sequence path's steps in torch's ops, which tests/test_cells.py holds to the
+plain step loop, to float64 and to finite differences; where they run and where they step
+aside."""
 
 import math
 
@@ -18,20 +19,20 @@ pytestmark = pytest.mark.skipif(
     reason="no C++ compiler, or torch exports no BLAS gemm",
 )
 
-# The norms whose LSTM steps the loop takes in training (every term has a form there).
+# The norms whose steps the loop takes, in training and eval (every term has a form there).
 LOOP_NORMS = ["bn", "bn_shared", "l1bn", "linfbn", "ln", "rms", "prms", "normprop"]
 
 
 @pytest.fixture
 def calls(monkeypatch) -> list:
     """Each call of the loop, as "forward" or "backward"."""
-    seen, real = [], native.lstm_loop
+    seen, real = [], native.loop
 
-    def spy(backward, *args, **kw):
+    def spy(kind, backward, *args, **kw):
         seen.append("backward" if backward else "forward")
-        return real(backward, *args, **kw)
+        return real(kind, backward, *args, **kw)
 
-    monkeypatch.setattr(native, "lstm_loop", spy)
+    monkeypatch.setattr(native, "loop", spy)
     return seen
 
 
@@ -42,12 +43,13 @@ def python_steps(monkeypatch) -> None:
 
 @pytest.mark.parametrize("quant", ["fp", "twn", "bc"])
 @pytest.mark.parametrize("norm", LOOP_NORMS)
-def test_the_loop_equals_the_python_steps(norm, quant, calls, monkeypatch):
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_the_loop_equals_the_python_steps(cell, norm, quant, calls, monkeypatch):
     """Outputs, final state, every gradient and the population statistics, to 1e-5."""
-    got = run_path("lstm", norm, quant, "sequence")
+    got = run_path(cell, norm, quant, "sequence")
     assert calls == ["forward", "backward"]
     python_steps(monkeypatch)
-    ref = run_path("lstm", norm, quant, "sequence")
+    ref = run_path(cell, norm, quant, "sequence")
     assert calls == ["forward", "backward"]  # no more
     assert got.keys() == ref.keys()
     assert_same(got, ref)
@@ -71,15 +73,16 @@ def run_once(layer, x, state, loop: bool) -> list:
     return [v.detach().double() for v in (y, *last, *grads) if v is not None]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
+    cell=st.sampled_from(sorted(CELLS)),
     norm=st.sampled_from(LOOP_NORMS),
     steps=st.integers(1, 5),
     batch=st.integers(3, 7),
     hidden=st.integers(3, 11),
     scale=st.sampled_from([0.1, 1.0, 30.0]),
 )
-def test_the_loop_at_any_size_and_scale(norm, steps, batch, hidden, scale):
+def test_the_loop_at_any_size_and_scale(cell, norm, steps, batch, hidden, scale):
     """Odd sizes (the vector loops' tails) and large pre-activations (exp's clamps, saturated
     gates): the loop in float32 is as close to the float64 numbers as the Python steps in
     float32 are (4 times their error, plus 1e-5 of the scale), one draw of layer and inputs.
@@ -89,22 +92,24 @@ def test_the_loop_at_any_size_and_scale(norm, steps, batch, hidden, scale):
     way, and which of them is luck."""
     torch.manual_seed(steps * 100 + batch * 10 + hidden)
     opts = {"p": 0.67} if norm == "prms" else None
-    layer = CELLS["lstm"](3, hidden, norm=norm, max_steps=steps, norm_opts=opts)
+    layer = CELLS[cell](3, hidden, norm=norm, max_steps=steps, norm_opts=opts)
     x = torch.randn(steps, batch, 3) * scale
-    state = [torch.randn(batch, hidden) for _ in range(2)]
+    state = [torch.randn(batch, hidden) for _ in layer.initial_state(x)]
     got = run_once(layer, x, state, loop=True)
     rival = run_once(layer, x, state, loop=False)
     exact = run_once(layer.double(), x, state, loop=False)
     if scale > 1:
-        got, rival, exact = got[:3], rival[:3], exact[:3]  # y, h_T, c_T
+        outputs = 1 + len(state)  # y and the final state
+        got, rival, exact = got[:outputs], rival[:outputs], exact[:outputs]
     for g, r, e in zip(got, rival, exact, strict=True):
         bound = 4 * (r - e).abs().max() + 1e-5 * max(1.0, e.abs().max().item())
         assert (g - e).abs().max() <= bound
 
 
 @pytest.mark.parametrize("norm", LOOP_NORMS + ["none"])
-def test_the_loop_in_float64_against_finite_differences(norm, calls):
-    layer = CELLS["lstm"](2, 3, norm=norm, max_steps=3, norm_opts=None).double()
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_the_loop_in_float64_against_finite_differences(cell, norm, calls):
+    layer = CELLS[cell](2, 3, norm=norm, max_steps=3, norm_opts=None).double()
     layer.path = "sequence"
     names = [n for n, p in layer.named_parameters() if p.requires_grad]
     params = [p.detach().clone().requires_grad_() for n, p in layer.named_parameters()]
@@ -117,11 +122,12 @@ def test_the_loop_in_float64_against_finite_differences(norm, calls):
     assert "forward" in calls and "backward" in calls
 
 
-def test_a_nan_reaches_the_outputs_as_in_the_python_steps(monkeypatch):
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_a_nan_reaches_the_outputs_as_in_the_python_steps(cell, monkeypatch):
     """A diverged run must read as one: a NaN in the input spreads through the loop to the
     same outputs as through torch's ops (exp's clamps keep NaN), and no further."""
     torch.manual_seed(1)
-    layer = CELLS["lstm"](3, 8, norm="ln", max_steps=4)
+    layer = CELLS[cell](3, 8, norm="ln", max_steps=4)
     x = torch.randn(4, 5, 3)
     x[1, 2, 0] = math.nan
     got = layer(x)[0]
@@ -133,19 +139,20 @@ def test_a_nan_reaches_the_outputs_as_in_the_python_steps(monkeypatch):
 
 @pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "linfbn"])
 @pytest.mark.parametrize("quant", ["fp", "twn"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
 def test_the_loop_with_population_statistics_equals_the_python_steps(
-    norm, quant, calls, monkeypatch
+    cell, norm, quant, calls, monkeypatch
 ):
     """Eval mode: the batch norms' population statistics of each step (past the steps seen
     in training, the last one's), outputs and gradients."""
-    got = run_path("lstm", norm, quant, "sequence", train=False)
+    got = run_path(cell, norm, quant, "sequence", train=False)
     assert calls == ["forward", "forward", "backward"]  # training's first batch, then eval
     with monkeypatch.context() as patch:
         python_steps(patch)
-        ref = run_path("lstm", norm, quant, "sequence", train=False)
+        ref = run_path(cell, norm, quant, "sequence", train=False)
     assert_same(got, ref)
     torch.manual_seed(0)
-    layer = CELLS["lstm"](5, 6, norm=norm, quant=quant, max_steps=3)
+    layer = CELLS[cell](5, 6, norm=norm, quant=quant, max_steps=3)
     layer(torch.randn(2, 4, 5))  # two steps seen
     layer.eval()
     x = torch.randn(5, 4, 5)
@@ -160,14 +167,17 @@ def test_where_the_loop_steps_aside(calls, monkeypatch):
     """A term without a form in the loop (L∞ with k > 1), and a torch without an exported
     gemm run the Python steps."""
     x = torch.randn(4, 3, 5)
-    CELLS["lstm"](5, 6, norm="linfbn", max_steps=4, norm_opts={"k": 2})(x)
+    for cell in sorted(CELLS):
+        CELLS[cell](5, 6, norm="linfbn", max_steps=4, norm_opts={"k": 2})(x)
     assert calls == []
-    CELLS["lstm"](5, 6, norm="linfbn", max_steps=4)(x)
-    assert calls == ["forward"]
+    for cell in sorted(CELLS):
+        CELLS[cell](5, 6, norm="linfbn", max_steps=4)(x)
+    assert calls == ["forward", "forward"]
     monkeypatch.setattr(native, "gemm", lambda dtype: None)
     assert not native.loop_applies(x)
-    CELLS["lstm"](5, 6, norm="ln", max_steps=4)(x)
-    assert calls == ["forward"]
+    for cell in sorted(CELLS):
+        CELLS[cell](5, 6, norm="ln", max_steps=4)(x)
+    assert calls == ["forward", "forward"]
     assert not native.loop_applies(x.half())
 
 
@@ -179,7 +189,8 @@ def test_a_gemm_that_disagrees_with_torch_is_not_used(monkeypatch):
         assert isinstance(native.gemm(torch.float64), int)
         native.gemm.cache_clear()
         monkeypatch.setattr(native, "_gemm_agrees", lambda fn, dtype: False)
-        assert native.gemm(torch.float32) is None
+        with pytest.warns(UserWarning, match="recurrences step in Python.*sgemm_"):
+            assert native.gemm(torch.float32) is None
         assert not native.loop_applies(torch.randn(2, 2))
     finally:
         native.gemm.cache_clear()
