@@ -484,6 +484,8 @@ def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
 
 
 def _loop_work(ws, batch, size) -> torch.Tensor:
+    """The loop's scratch (``Loop.work`` in ``csrc/recurrence.cpp``): with G = 4H gates,
+    3 B·G + 3 B·H + 5 G values cover either cell and direction."""
     return ws("loop_work", 12 * batch * size + 3 * batch * size + 20 * size)
 
 
