@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -256,11 +257,9 @@ def loop_applies(x: torch.Tensor) -> bool:
 
 def loop(kind: str, backward: bool, dims: tuple, scales: tuple, hidden, cell, **arrays) -> None:
     """One call of the ``kind`` ("lstm", "gru") recurrence (forward, or ``backward``) over
-    ``dims`` (steps, batch, size):
-    ``scales`` (candidate, cell, output); ``hidden`` and ``cell`` None or (spec, tensors)
-    with spec (kind, groups, k, eps, c) and the tensors weight, bias, xhat, mean, stat,
-    den (each may be None); ``arrays`` the loop's other pointers by name (``_Loop``), all
-    contiguous, of one dtype, as ``csrc/recurrence.cpp`` lays them out."""
+    ``dims`` (steps, batch, size): ``scales`` (candidate, cell, output); ``hidden`` and
+    ``cell`` None or a :class:`LoopTerm`; ``arrays`` the loop's other pointers by name
+    (``_Loop``), all contiguous, of one dtype, as ``csrc/recurrence.cpp`` lays them out."""
     dtype = arrays["w"].dtype
     call = _Loop(*dims, gemm(dtype))
     call.candidate_scale, call.cell_scale, call.output_scale = scales
@@ -270,9 +269,23 @@ def loop(kind: str, backward: bool, dims: tuple, scales: tuple, hidden, cell, **
     _LOOPS[library(), dtype, kind][backward](ctypes.byref(call))
 
 
-def _term(term) -> _Term:
+class LoopTerm(NamedTuple):
+    """A term's part in the loop: its ``spec`` (kind, groups, k, eps, c; see
+    ``TermNorm.loop``), its gains and shift, and the arrays the loop writes or reads (any
+    may be None where the kind has none)."""
+
+    spec: tuple
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    xhat: torch.Tensor
+    mean: torch.Tensor | None
+    stat: torch.Tensor | None
+    den: torch.Tensor
+
+
+def _term(term: LoopTerm | None) -> _Term:
     if term is None:
         return _Term(kind=-1)
-    (kind, groups, k, eps, c), tensors = term
-    pointers = (None if t is None else t.data_ptr() for t in tensors)
+    kind, groups, k, eps, c = term.spec
+    pointers = (None if t is None else t.data_ptr() for t in term[1:])
     return _Term(TERM_KINDS[kind], groups, k, eps, c, *pointers)

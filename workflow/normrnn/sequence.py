@@ -462,10 +462,10 @@ def _loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | 
 
 
 def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
-    """A term's arguments to the loop: its spec and its gains, shift and the arrays the loop
-    writes (x̂; the batch norms' mean and statistic, fresh tensors that the term keeps for its
-    population statistics, and denominator; the row norms' mean and 1/std or 1/rms), or with
-    population statistics, reads (their mean and denominator)."""
+    """A term's :class:`~normrnn.native.LoopTerm`: its spec and its gains, shift and the
+    arrays the loop writes (x̂; the batch norms' mean and statistic, fresh tensors that the
+    term keeps for its population statistics, and denominator; the row norms' mean and 1/std
+    or 1/rms), or with population statistics, reads (their mean and denominator)."""
     if spec is None:
         return None
     xhat = ws(f"{name}_xhat", steps, batch, features)
@@ -480,7 +480,19 @@ def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
         mean = ws(f"{name}_rows_mean", steps, rows) if spec[0] == "ln" else None
         stat, den = None, ws(f"{name}_rows_den", steps, rows)
     bias = None if bias is None else bias.contiguous()
-    return spec, (weight.contiguous(), bias, xhat, mean, stat, den)
+    return native.LoopTerm(spec, weight.contiguous(), bias, xhat, mean, stat, den)
+
+
+def _keep_statistics(*pairs) -> None:
+    """Hands each (term module, its LoopTerm) pair's batch statistics to the term."""
+    for term, args in pairs:
+        if args is not None and args.stat is not None:
+            term.loop_statistics(args.mean, args.stat)
+
+
+def _xhat(args) -> list:
+    """A LoopTerm's x̂ of all steps, as :func:`_term_grads` takes them."""
+    return [] if args is None else [args.xhat]
 
 
 def _loop_work(ws, batch, size) -> torch.Tensor:
@@ -514,31 +526,39 @@ def _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x: list, xhat_x: list) -> tor
     return xin
 
 
+def _loop_begin(rec, ws, x, h0, bias, w_ih, w_x, b_x, gates: int):
+    """What both cells' compiled forwards start with: the input term of all steps
+    (:func:`_loop_input`), the gates' buffer ``act`` and all h_t from ``h0`` (saved for
+    backward: never a workspace buffer). Returns (steps, batch, size), the input term,
+    ``act``, the h_t and the input term's saved steps."""
+    xp = _project(ws, x, w_ih)
+    steps, batch, width = xp.shape
+    saved_x, xhat_x = [], []
+    xin = _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x, xhat_x)
+    act = ws("act", steps, batch, width)
+    hs = xp.new_empty(steps + 1, batch, width // gates)
+    hs[0] = h0
+    return (steps, batch, width // gates), xin, act, hs, (saved_x, xhat_x)
+
+
 def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     """:func:`_lstm_forward` in the compiled loop: the input term for all steps (normalized
     as :func:`_input_steps` does, with its gains and the bias), then one call."""
     w_x, b_x, w_h, b_h, w_c, b_c = terms
-    xp = _project(ws, x, w_ih)
-    steps, batch, gates = xp.shape
-    size = gates // 4
-    saved_x, xhat_x = [], []
-    xin = _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x, xhat_x)
-    act = ws("act", steps, batch, gates)
+    dims, xin, act, hs, saved = _loop_begin(rec, ws, x, h0, bias, w_ih, w_x, b_x, gates=4)
+    steps, batch, size = dims
     cs = ws("cs", steps + 1, batch, size)
     tcs = ws("tcs", steps, batch, size)
-    hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
-    hs[0], cs[0] = h0, c0
-    hidden = _loop_term(ws, "h", rec.hidden, specs[0], w_h, b_h, steps, batch, gates)
+    cs[0] = c0
+    hidden = _loop_term(ws, "h", rec.hidden, specs[0], w_h, b_h, steps, batch, 4 * size)
     cell = _loop_term(ws, "c", rec.cell, specs[1], w_c, b_c, steps, batch, size)
     native.loop(
-        "lstm", False, (steps, batch, size), _scales(rec), hidden, cell,
+        "lstm", False, dims, _scales(rec), hidden, cell,
         x=xin, w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs,
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
-    for term, args in ((rec.hidden, hidden), (rec.cell, cell)):
-        if args is not None and args[1][4] is not None:
-            term.loop_statistics(args[1][3], args[1][4])
-    return hs, cs, ("compiled", saved_x, xhat_x, hidden, cell)
+    _keep_statistics((rec.hidden, hidden), (rec.cell, cell))
+    return hs, cs, ("compiled", *saved, hidden, cell)
 
 
 def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT):
@@ -561,10 +581,8 @@ def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y,
     spare = ws("p", steps, batch, gates)
     d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
     grads = [d_x, d_w, d_h0, d_c0, *d_input]
-    xhat_h = [] if hidden is None else [hidden[1][2]]
-    xhat_c = [] if cell is None else [cell[1][2]]
-    grads += _term_grads(rec.hidden, xhat_h, d_pre, spare)
-    return grads + _term_grads(rec.cell, xhat_c, d_cn, ws("k", steps, batch, size))
+    grads += _term_grads(rec.hidden, _xhat(hidden), d_pre, spare)
+    return grads + _term_grads(rec.cell, _xhat(cell), d_cn, ws("k", steps, batch, size))
 
 
 def gru_sequence(rec: Recurrence, x, w_hh, b_hn, h0, bias=None, w_ih=None):
@@ -682,24 +700,17 @@ def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT
 
 def _gru_forward_compiled(rec, ws, spec, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     """:func:`_gru_forward` in the compiled loop (see :func:`_lstm_forward_compiled`)."""
-    xp = _project(ws, x, w_ih)
-    steps, batch, gates = xp.shape
-    size = gates // 3
-    saved_x, xhat_x = [], []
-    xin = _loop_input(rec, ws, xp, bias, w_x, b_x, saved_x, xhat_x)
-    act = ws("act", steps, batch, gates)
+    dims, xin, act, hs, saved = _loop_begin(rec, ws, x, h0, bias, w_ih, w_x, b_x, gates=3)
+    steps, batch, size = dims
     hnb = ws("hnb", steps, batch, size)
-    hs = xp.new_empty(steps + 1, batch, size)  # saved for backward: never a workspace buffer
-    hs[0] = h0
-    hidden = _loop_term(ws, "h", rec.hidden, spec, w_h, b_h, steps, batch, gates)
+    hidden = _loop_term(ws, "h", rec.hidden, spec, w_h, b_h, steps, batch, 3 * size)
     native.loop(
-        "gru", False, (steps, batch, size), _scales(rec), hidden, None,
+        "gru", False, dims, _scales(rec), hidden, None,
         x=xin, w=w_hh.contiguous(), hs=hs, act=act, tcs=hnb, b_hn=b_hn.contiguous(),
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
-    if hidden is not None and hidden[1][4] is not None:
-        rec.hidden.loop_statistics(hidden[1][3], hidden[1][4])
-    return hs, ("compiled", saved_x, xhat_x, hidden)
+    _keep_statistics((rec.hidden, hidden))
+    return hs, ("compiled", *saved, hidden)
 
 
 def _gru_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT):
@@ -723,5 +734,4 @@ def _gru_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, 
     spare = ws("xhat", steps, batch, gates)
     d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
     grads = [d_x, d_w, d_b_hn, d_h0, *d_input]
-    xhat_h = [] if hidden is None else [hidden[1][2]]
-    return grads + _term_grads(rec.hidden, xhat_h, d_hid, spare)
+    return grads + _term_grads(rec.hidden, _xhat(hidden), d_hid, spare)

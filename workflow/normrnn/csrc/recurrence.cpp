@@ -212,19 +212,36 @@ NORMRNN_INLINE void term_backward(const T* g, const Term& term, Step<T> s, T* ou
   }
 }
 
-// out = x + w ⊙ x̂ (+ b), w and b per feature, over (batch, features).
+// out = x + w ⊙ x̂ + b, w and b per feature, over (batch, features); x and b may be absent.
 template <typename T>
-NORMRNN_INLINE void add_affine(const T* __restrict__ x, const T* __restrict__ xhat,
-                               const T* __restrict__ w, const T* __restrict__ b,
-                               T* __restrict__ out, int64_t batch, int64_t features) {
+NORMRNN_INLINE void affine(const T* __restrict__ x, const T* __restrict__ xhat,
+                           const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ out,
+                           int64_t batch, int64_t features) {
   for (int64_t r = 0; r < batch; ++r) {
     const int64_t o = r * features;
-    if (b) {
+    if (x && b) {
       for (int64_t j = 0; j < features; ++j) out[o + j] = x[o + j] + xhat[o + j] * w[j] + b[j];
-    } else {
+    } else if (x) {
       for (int64_t j = 0; j < features; ++j) out[o + j] = x[o + j] + xhat[o + j] * w[j];
+    } else if (b) {
+      for (int64_t j = 0; j < features; ++j) out[o + j] = xhat[o + j] * w[j] + b[j];
+    } else {
+      for (int64_t j = 0; j < features; ++j) out[o + j] = xhat[o + j] * w[j];
     }
   }
+}
+
+// The term's input gradient at step t into out, from g, the gradient of its output
+// (weight ⊙ x̂ + bias); tmp holds g ⊙ weight.
+template <typename T>
+NORMRNN_INLINE void term_input_grad(const T* __restrict__ g, const Term& term, int64_t t,
+                                    int64_t batch, int64_t features, T* __restrict__ tmp,
+                                    T* out, T* work) {
+  const T* __restrict__ w = static_cast<const T*>(term.weight);
+  for (int64_t r = 0; r < batch; ++r) {
+    for (int64_t j = 0; j < features; ++j) tmp[r * features + j] = g[r * features + j] * w[j];
+  }
+  term_backward(tmp, term, at<T>(term, t, batch, features), out, batch, features, work);
 }
 
 template <typename T>
@@ -253,8 +270,8 @@ NORMRNN_INLINE void lstm_forward(const Loop& L) {
     } else {
       const Step<T> s = at<T>(hid, t, B, G);
       term_forward(a, hid, s, B, G);
-      add_affine(x, s.xhat, static_cast<const T*>(hid.weight), static_cast<const T*>(hid.bias),
-                 act, B, G);
+      affine(x, s.xhat, static_cast<const T*>(hid.weight), static_cast<const T*>(hid.bias), act,
+             B, G);
     }
     for (int64_t r = 0; r < B; ++r) {
       T* __restrict__ gates = act + r * G;
@@ -269,14 +286,8 @@ NORMRNN_INLINE void lstm_forward(const Loop& L) {
     if (cel.kind != kNone) {
       const Step<T> s = at<T>(cel, t, B, H);
       term_forward(c, cel, s, B, H);
-      const T* wc = static_cast<const T*>(cel.weight);
-      const T* bc = static_cast<const T*>(cel.bias);
-      for (int64_t r = 0; r < B; ++r) {
-        for (int64_t j = 0; j < H; ++j) {
-          const T v = s.xhat[r * H + j] * wc[j];
-          xc[r * H + j] = bc ? v + bc[j] : v;
-        }
-      }
+      affine<T>(nullptr, s.xhat, static_cast<const T*>(cel.weight),
+                static_cast<const T*>(cel.bias), xc, B, H);
       cell_in = xc;
       cell_mul = T(1);
     }
@@ -332,16 +343,14 @@ NORMRNN_INLINE void lstm_backward(const Loop& L) {
       }
     } else {
       T* __restrict__ dcn = static_cast<T*>(L.d_cn) + t * B * H;
-      const T* __restrict__ wc = static_cast<const T*>(cel.weight);
       for (int64_t r = 0; r < B; ++r) {
         const T* __restrict__ o = act + r * G + 3 * H;
         for (int64_t j = 0; j < H; ++j) {
           const int64_t q = r * H + j;
           dcn[q] = dh[q] * ((T(1) - tc[q] * tc[q]) * o[j] * kscale);
-          tmp[q] = dcn[q] * wc[j];
         }
       }
-      term_backward(tmp, cel, at<T>(cel, t, B, H), out, B, H, bn_work);
+      term_input_grad(dcn, cel, t, B, H, tmp, out, bn_work);
       for (int64_t i = 0; i < B * H; ++i) dc[i] += out[i];
     }
     for (int64_t r = 0; r < B; ++r) {
@@ -367,12 +376,8 @@ NORMRNN_INLINE void lstm_backward(const Loop& L) {
     if (hid.kind == kNone) {
       da = dp;
     } else {
-      const T* __restrict__ wh = static_cast<const T*>(hid.weight);
-      for (int64_t r = 0; r < B; ++r) {
-        for (int64_t j = 0; j < G; ++j) tmp[r * G + j] = dp[r * G + j] * wh[j];
-      }
       T* d_a = static_cast<T*>(L.d_a) + t * B * G;
-      term_backward(tmp, hid, at<T>(hid, t, B, G), d_a, B, G, bn_work);
+      term_input_grad(dp, hid, t, B, G, tmp, d_a, bn_work);
       da = d_a;
     }
     for (int64_t r = 0; r < B; ++r) {
@@ -407,14 +412,8 @@ NORMRNN_INLINE void gru_forward(const Loop& L) {
     if (hid.kind != kNone) {
       const Step<T> s = at<T>(hid, t, B, G);
       term_forward(a, hid, s, B, G);
-      const T* __restrict__ wh = static_cast<const T*>(hid.weight);
-      const T* __restrict__ bh = static_cast<const T*>(hid.bias);
-      for (int64_t r = 0; r < B; ++r) {
-        for (int64_t j = 0; j < G; ++j) {
-          const T v = s.xhat[r * G + j] * wh[j];
-          a[r * G + j] = bh ? v + bh[j] : v;
-        }
-      }
+      affine<T>(nullptr, s.xhat, static_cast<const T*>(hid.weight),
+                static_cast<const T*>(hid.bias), a, B, G);
     }
     for (int64_t r = 0; r < B; ++r) {
       const T* __restrict__ xr = x + r * G;
@@ -481,12 +480,8 @@ NORMRNN_INLINE void gru_backward(const Loop& L) {
     }
     const T* da = dhid;
     if (hid.kind != kNone) {
-      const T* __restrict__ wh = static_cast<const T*>(hid.weight);
-      for (int64_t r = 0; r < B; ++r) {
-        for (int64_t j = 0; j < G; ++j) tmp[r * G + j] = dhid[r * G + j] * wh[j];
-      }
       T* d_a = static_cast<T*>(L.d_a) + t * B * G;
-      term_backward(tmp, hid, at<T>(hid, t, B, G), d_a, B, G, bn_work);
+      term_input_grad(dhid, hid, t, B, G, tmp, d_a, bn_work);
       da = d_a;
     }
     for (int64_t r = 0; r < B; ++r) {
