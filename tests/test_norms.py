@@ -86,13 +86,31 @@ def test_population_statistics_are_the_mean_over_the_training_data():
     assert layer.norm.x.momentum == 0.05
 
 
-def test_bn_shared_uses_statistics_over_all_steps():
-    bn = term("bn_shared").double()
+def test_bn_pooled_uses_statistics_over_all_steps():
+    bn = term("bn_pooled").double()
     a = torch.randn(3, 16, 8, dtype=torch.float64)
     x = a.numpy().reshape(-1, 8)
     ref = bn.weight.detach().numpy() * (a.numpy() - x.mean(0)) / np.sqrt(x.var(0) + EPS)
     np.testing.assert_allclose(bn(a).detach().numpy(), ref, rtol=1e-10)
     assert bn.running_mean.shape == (1, 8)
+
+
+def test_bn_shared_normalizes_each_step_and_shares_one_running_average():
+    """Hou et al.'s "BN shared": each step normalized with its own batch statistics (float64
+    formula), and the steps' statistics averaged into one slot in turn, torch's way
+    (momentum 0.1 from (0, 1), unbiased variance), as nn.BatchNorm1d called per step does."""
+    bn = term("bn_shared", momentum=0.1, warm_start=False, unbiased=True).double()
+    a = torch.randn(3, 16, 8, dtype=torch.float64) * 2 + 1
+    x = a.numpy()
+    ref = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + EPS)
+    got = bn(a).detach().numpy() / bn.weight.detach().numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    torch_bn = torch.nn.BatchNorm1d(8, momentum=0.1).double()
+    for t in range(3):
+        torch_bn(a[t])
+    np.testing.assert_allclose(bn.running_mean[0], torch_bn.running_mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_stat[0], torch_bn.running_var, rtol=1e-12)
+    assert bn.running_mean.shape == (1, 8) and bn.stepwise
 
 
 def test_l1_bn_estimates_sigma_on_gaussian_data():
@@ -239,7 +257,7 @@ def test_bn_and_wn_are_invariant_to_weight_scale(s, seed, norm):
 
 def test_unknown_norm_lists_valid_names():
     with pytest.raises(
-        UnknownNameError, match="unknown norm 'batchnorm'; valid names: bn, bn_shared"
+        UnknownNameError, match="unknown norm 'batchnorm'; valid names: bn, bn_pooled, bn_shared"
     ):
         NORMS["batchnorm"]
 
@@ -269,7 +287,7 @@ def test_shared_statistics_update_in_turn_by_hand():
     assert int(bn.updates[0]) == 9 and int(bn.steps_seen) == 1
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "linfbn"])
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "bn_pooled", "l1bn", "linfbn"])
 def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     """The step loop's per-step records, written by one flush after the loop, against an
     update at every step (on the loop: the sequence path has no immediate form)."""
@@ -290,10 +308,10 @@ def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     immediate = run()
     for key, value in deferred.items():
         torch.testing.assert_close(value, immediate[key], msg=key)
-    assert int(deferred["h.steps_seen"]) == (1 if norm == "bn_shared" else 6)
+    assert int(deferred["h.steps_seen"]) == (1 if norm in ("bn_shared", "bn_pooled") else 6)
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn"])
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "bn_pooled", "l1bn"])
 def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm, bn_steps):
     """The L2 steps in torch's ops keep the mean and 1/std (torch's kernel's, or a stack of
     steps'), converted at the flush, the compiled steps the mean and statistic; a flush of
@@ -321,9 +339,10 @@ def test_records_of_the_step_kernel_and_of_blocks_flush_alike(norm, bn_steps):
             torch.testing.assert_close(x.state_dict()[name], value, msg=f"{kinds} {name}")
 
 
-SHARED = {"shared": True}
-STEPWISE_CASES = [(n, {}) for n in ["ln", "rms", "prms", "bn", "bn_shared", "l1bn", "linfbn"]]
-STEPWISE_CASES += [("l1bn", SHARED), ("linfbn", SHARED), ("linfbn", {"k": 3})]
+POOLED = {"shared": True, "pooled": True}
+STEPWISE_NORMS = ["ln", "rms", "prms", "bn", "bn_shared", "bn_pooled", "l1bn", "linfbn"]
+STEPWISE_CASES = [(n, {}) for n in STEPWISE_NORMS]
+STEPWISE_CASES += [("l1bn", POOLED), ("linfbn", POOLED), ("linfbn", {"k": 3})]
 STEPWISE_IDS = ["-".join([n, *(f"{k}={v}" for k, v in o.items())]) for n, o in STEPWISE_CASES]
 
 
@@ -354,7 +373,7 @@ def test_stepwise_terms_normalize_a_block_as_its_steps_alone(norm, opts, trainin
     if x.stepwise:
         torch.testing.assert_close(steps, block, rtol=1e-10, atol=1e-12)
     else:
-        assert (norm == "bn_shared" or opts.get("shared")) and training
+        assert (norm == "bn_pooled" or opts.get("pooled")) and training
         assert not torch.allclose(steps, block, atol=1e-3)
     torch.testing.assert_close(rows, block[part], rtol=1e-10, atol=1e-12)
     a.requires_grad_()

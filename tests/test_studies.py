@@ -70,7 +70,7 @@ def test_padding_does_not_reach_the_real_positions(seed, fill):
     torch.testing.assert_close(y1[real], y2[real])
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn", "ln"])
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "bn_pooled", "l1bn", "ln"])
 def test_an_all_ones_mask_equals_no_mask(norm):
     """The masked path (generic) against the unmasked one (torch's fused batch norm for L2):
     outputs, gradients and population statistics agree."""
@@ -157,7 +157,7 @@ def test_length_metrics_of_a_uniform_model_are_log2_vocab(chars_dir):
         assert m["test_metric"] == pytest.approx(math.log2(vocab), rel=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn_shared", "l1bn"])
+@pytest.mark.parametrize("norm", ["bn", "bn_shared", "bn_pooled", "l1bn"])
 def test_batch_norm_statistics_by_hand(norm):
     """The diagnostic's population scale is the stored statistic's denominator at each step
     (constant when shared); its batch scale is the test batch's own, computed here anew."""
@@ -178,7 +178,7 @@ def test_batch_norm_statistics_by_hand(norm):
     bn = layer.norm.x
     for r in xt:
         t = r["t"] - 1
-        slot = 0 if norm == "bn_shared" else min(t, 3)
+        slot = 0 if norm in ("bn_shared", "bn_pooled") else min(t, 3)
         pop = bn.denominator(bn.running_stat[slot]).mean()
         assert r["population"] == pytest.approx(float(pop), rel=1e-9)
         centered = a[t] - a[t].mean(0)
@@ -188,7 +188,7 @@ def test_batch_norm_statistics_by_hand(norm):
             own = (centered.pow(2).mean(0) + EPS).sqrt()
         assert r["batch"] == pytest.approx(float(own.mean()), rel=1e-9)
         assert r["batch_mean"] == pytest.approx(float(a[t].mean()), abs=1e-12)
-    if norm == "bn_shared":
+    if norm in ("bn_shared", "bn_pooled"):
         assert len({r["population"] for r in rows if r["term"] == "h"}) == 1
     else:  # steps 5 and 6 reuse the statistics of step 4
         h = {r["t"]: r["population"] for r in rows if r["term"] == "h"}

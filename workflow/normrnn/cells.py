@@ -19,9 +19,20 @@ Three paths compute the same function; ``layer.path`` names the one a layer take
 The loop serves what the others do not: masked batch statistics (a ``mask`` on the sequence
 path), low-precision arithmetic under autocast, and recording hidden states for diagnostics,
 which need each h_t as a node of the graph.
+
+Initialisation (``init``): ``orthogonal_gates``, each gate block of W_x and W_h orthogonal
+(the project's); ``orthogonal``, W_x and W_h orthogonal as whole matrices (Cooijmans et
+al., Laurent et al.); ``uniform``, every weight and bias U(±1/√H) (Hou et al., torch's
+default). ``hh_init: identity`` puts the identity in the candidate block of W_h, the other
+blocks orthogonal (Cooijmans et al.'s ``--init id``). ``learn_initial_state`` trains h_0
+(and c_0) from zero; ``h0_noise`` adds N(0, σ²) to h_0 in every forward, in training and
+evaluation alike (Cooijmans et al.'s sequential MNIST).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +46,15 @@ from .sequence import gru_sequence, lstm_sequence
 CELLS = Registry("cell")
 
 
+INITS = ("orthogonal_gates", "orthogonal", "uniform")
+
+
 class RecurrentLayer(nn.Module):
     """One recurrent layer over (T, B, input_size) sequences; subclasses define the step."""
 
     gates = 1
+    candidate_block = 0  # the gate block of the candidate (identity under hh_init identity)
+    has_sequence = True  # a sequence Function exists (sequence.py)
 
     def __init__(
         self,
@@ -50,7 +66,10 @@ class RecurrentLayer(nn.Module):
         norm_opts: dict | None = None,
         init_scale: float = 1.0,
         hh_init: str = "orthogonal",
-        forget_bias: float = 1.0,
+        forget_bias: float | None = 1.0,
+        init: str = "orthogonal_gates",
+        learn_initial_state: bool = False,
+        h0_noise: float = 0.0,
     ):
         super().__init__()
         if input_size < 1 or hidden_size < 1:
@@ -75,28 +94,55 @@ class RecurrentLayer(nn.Module):
         self.norm = NORMS[norm](
             hidden_size=hidden_size, gates=self.gates, max_steps=max_steps, **(norm_opts or {})
         )
-        if self.norm.weight_only:
+        if self.norm.weight_only and hasattr(self, "fused"):
             self.path = "fused"
+        elif self.has_sequence and self.norm.recurrence() is not None:
+            self.path = "sequence"
         else:
-            self.path = "loop" if self.norm.recurrence() is None else "sequence"
-        self.reset_parameters(init_scale, hh_init, forget_bias)
+            self.path = "loop"
+        states = self.state_count
+        self.initial = nn.Parameter(torch.zeros(states, hidden_size)) if learn_initial_state else None
+        self.h0_noise = h0_noise
+        self.reset_parameters(init_scale, hh_init, forget_bias, init)
+
+    state_count = 1  # (h,) or (h, c)
 
     @torch.no_grad()
-    def reset_parameters(self, init_scale=1.0, hh_init="orthogonal", forget_bias=1.0):
-        for w in self.weight_ih.chunk(self.gates, 0):
-            nn.init.orthogonal_(w)
-        for w in self.weight_hh.chunk(self.gates, 0):
-            if hh_init == "identity":
-                w.copy_(torch.eye(self.hidden_size))
-            elif hh_init == "orthogonal":
-                nn.init.orthogonal_(w)
-            else:
-                raise ValueError(f"hh_init must be 'orthogonal' or 'identity', got {hh_init!r}")
+    def reset_parameters(self, init_scale=1.0, hh_init="orthogonal", forget_bias=1.0,
+                         init="orthogonal_gates"):  # fmt: skip
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if hh_init not in ("orthogonal", "identity"):
+            raise ValueError(f"hh_init must be 'orthogonal' or 'identity', got {hh_init!r}")
+        if init == "uniform":
+            bound = 1 / math.sqrt(self.hidden_size)
+            for p in self.parameters(recurse=False):
+                if p is not self.initial:
+                    p.uniform_(-bound, bound)
+        else:
+            self._orthogonal(self.weight_ih, per_gate=init == "orthogonal_gates")
+            self._orthogonal(self.weight_hh, per_gate=init == "orthogonal_gates")
+            for p in self.parameters(recurse=False):
+                if p.dim() == 1:  # the biases
+                    p.zero_()
+        if hh_init == "identity":
+            blocks = list(self.weight_hh.chunk(self.gates, 0))
+            blocks[self.candidate_block].copy_(torch.eye(self.hidden_size))
+            rest = [b for i, b in enumerate(blocks) if i != self.candidate_block]
+            if rest and init != "orthogonal_gates":  # the other blocks jointly orthogonal
+                joint = torch.empty(len(rest) * self.hidden_size, self.hidden_size)
+                nn.init.orthogonal_(joint)
+                for b, part in zip(rest, joint.chunk(len(rest), 0), strict=True):
+                    b.copy_(part)
         self.weight_ih.mul_(init_scale)
         self.weight_hh.mul_(init_scale)
-        self.bias.zero_()
-        self._init_bias(forget_bias)
-        self.norm.init_weights(*self.quantized_weights())
+        if forget_bias is not None:
+            self._init_bias(forget_bias)
+        self.norm.init_weights(*self.quantized_weights(), full=(self.weight_ih, self.weight_hh))
+
+    def _orthogonal(self, w, per_gate):
+        for block in w.chunk(self.gates, 0) if per_gate else (w,):
+            nn.init.orthogonal_(block)
 
     def _init_bias(self, forget_bias):
         pass
@@ -111,9 +157,11 @@ class RecurrentLayer(nn.Module):
         w_ih, w_hh = self.quantized_weights()
         return self.norm.weight_ih(w_ih), self.norm.weight_hh(w_hh)
 
-    def forward(self, x: torch.Tensor, state=None, mask=None):
+    def forward(self, x: torch.Tensor, state=None, mask=None, t0: int = 0):
         """``mask`` (T, B): 1 at real steps, 0 at padding (variable-length sequences); batch
-        norms take their statistics over the real steps only. The recurrence itself runs on."""
+        norms take their statistics over the real steps only. The recurrence itself runs on.
+        ``t0``: the index of the first step (a sequence continued from an earlier call whose
+        steps count on, as in one long test sequence)."""
         w_ih, w_hh = self.effective_weights()
         if state is None:
             state = self.initial_state(x)
@@ -123,29 +171,45 @@ class RecurrentLayer(nn.Module):
         if fast and self.path == "fused":
             return self.fused(x, state, w_ih, w_hh)
         rec = self.norm.recurrence() if fast and self.path == "sequence" and mask is None else None
+        if rec is not None and t0:
+            rec = dataclasses.replace(rec, t0=t0)
         if rec is not None and rec.input is not None:  # projected and normalized inside
             y, state = self.sequence(rec, x, w_hh, state, self.bias, w_ih)
         else:
-            xp = self.norm.input_term(F.linear(x, w_ih), 0, mask) + self.bias
+            xp = self.input_term(x, w_ih, t0, mask)
             if rec is not None:
                 y, state = self.sequence(rec, xp, w_hh, state)
             else:
-                y, state = self.loop(xp, state, w_hh, mask)
+                y, state = self.loop(xp, state, w_hh, mask, t0)
         self.norm.end_sequence()
         return y, state
 
-    def loop(self, xp, state, w_hh, mask):
+    def input_term(self, x, w_ih, t0, mask):
+        """The normalized input term with the bias, for all steps (T, B, gates·H)."""
+        if self.norm.bias_in_input:  # Zhang's cells: b inside the norm, and once more outside
+            return self.norm.input_term(F.linear(x, w_ih, self.bias), t0, mask) + self.bias
+        return self.norm.input_term(F.linear(x, w_ih), t0, mask) + self.bias
+
+    def loop(self, xp, state, w_hh, mask, t0=0):
         outputs = []
         masks = [None] * xp.shape[0] if mask is None else mask.unbind(0)
         for t, (xt, mt) in enumerate(zip(xp.unbind(0), masks, strict=True)):
-            state = self.step(xt, state, w_hh, t, mt)
+            state = self.step(xt, state, w_hh, t0 + t, mt)
             outputs.append(state[0])
             if self.recorded is not None:  # diagnostics.recording
                 self.recorded.append(state[0])
         return torch.stack(outputs), state
 
     def initial_state(self, x):
-        return (x.new_zeros(x.shape[1], self.hidden_size),)
+        """Zeros, or the learned h_0 (c_0) expanded over the batch; plus ``h0_noise``."""
+        batch = x.shape[1]
+        if self.initial is None:
+            states = [x.new_zeros(batch, self.hidden_size) for _ in range(self.state_count)]
+        else:
+            states = [s.expand(batch, -1) for s in self.initial.to(x.dtype).unbind(0)]
+        if self.h0_noise:
+            states[0] = states[0] + self.h0_noise * torch.randn_like(states[0])
+        return tuple(states)
 
     def _train(self) -> bool:
         """The fused kernels' ``train`` flag. Without dropout it changes no number, but cuDNN
@@ -159,13 +223,11 @@ class LSTMLayer(RecurrentLayer):
     """LSTM: c_t = σ(f) c_{t-1} + σ(i) tanh(g); h_t = σ(o) tanh(c_t) with the norm's hooks."""
 
     gates = 4
+    candidate_block = 2
+    state_count = 2
 
     def _init_bias(self, forget_bias):
         self.bias[self.hidden_size : 2 * self.hidden_size].fill_(forget_bias)
-
-    def initial_state(self, x):
-        zeros = x.new_zeros(x.shape[1], self.hidden_size)
-        return zeros, zeros
 
     def fused(self, x, state, w_ih, w_hh):
         h, c = state
@@ -181,7 +243,9 @@ class LSTMLayer(RecurrentLayer):
     def step(self, xt, state, w_hh, t, mask=None):
         h, c = state
         i, f, g, o = (xt + self.norm.hidden_term(h @ w_hh.t(), t, mask)).chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * self.norm.candidate(g)
+        carry = self.norm.carry_scale
+        kept = torch.sigmoid(f) * c if carry == 1.0 else torch.sigmoid(f) * c * carry
+        c = kept + torch.sigmoid(i) * self.norm.candidate(g)
         h = torch.sigmoid(o) * self.norm.cell_output(c, t, mask)
         return h, c
 
@@ -195,10 +259,22 @@ class GRULayer(RecurrentLayer):
     """
 
     gates = 3
+    candidate_block = 2
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.bias_hn = nn.Parameter(torch.zeros(self.hidden_size))
+    @torch.no_grad()
+    def reset_parameters(self, *args, **kw):
+        if not hasattr(self, "bias_hn"):  # before the first reset, so that it is initialised
+            # Zhang's RMS-GRU has no recurrent bias inside the reset gate: a zero buffer
+            self.bias_hn = nn.Parameter(torch.zeros(self.hidden_size))
+            if self.norm.bias_in_input:
+                del self.bias_hn
+                self.register_buffer("bias_hn", torch.zeros(self.hidden_size))
+        super().reset_parameters(*args, **kw)
+
+    def input_term(self, x, w_ih, t0, mask):
+        if self.norm.bias_in_input:  # Zhang's RMS-GRU: the biases inside the norm only
+            return self.norm.input_term(F.linear(x, w_ih, self.bias), t0, mask)
+        return super().input_term(x, w_ih, t0, mask)
 
     def fused(self, x, state, w_ih, w_hh):
         (h,) = state
@@ -220,6 +296,27 @@ class GRULayer(RecurrentLayer):
         return ((1 - z) * n + z * h,)
 
 
+@CELLS.register("rnn_tanh")
+class TanhRNNLayer(RecurrentLayer):
+    """Elman RNN: h_t = tanh(x_t + W_h h_{t-1} + b), with the norm's hooks on both terms
+    (the batch-normalized tanh RNN of Cooijmans et al.'s figure 1). The fused kernel for the
+    weight-only norms, else the step loop (no hand-written sequence path)."""
+
+    has_sequence = False
+
+    def fused(self, x, state, w_ih, w_hh):
+        (h,) = state
+        params = [w_ih, w_hh, self.bias, torch.zeros_like(self.bias)]
+        y, h = torch.rnn_tanh(
+            x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False
+        )
+        return y, (h[0],)
+
+    def step(self, xt, state, w_hh, t, mask=None):
+        (h,) = state
+        return (self.norm.candidate(xt + self.norm.hidden_term(h @ w_hh.t(), t, mask)),)
+
+
 class StackedRNN(nn.Module):
     """``num_layers`` recurrent layers with dropout between them."""
 
@@ -234,12 +331,12 @@ class StackedRNN(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, states=None, mask=None):
+    def forward(self, x, states=None, mask=None, t0=0):
         states = states or [None] * len(self.layers)
         new_states = []
         for i, (layer, state) in enumerate(zip(self.layers, states, strict=True)):
             if i:
                 x = self.dropout(x)
-            x, state = layer(x, state, mask)
+            x, state = layer(x, state, mask, t0)
             new_states.append(state)
         return x, new_states

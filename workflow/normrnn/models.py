@@ -1,35 +1,104 @@
-"""Task models: language models (char/word) and sequence classifiers, built by name."""
+"""Task models: language models (char/word) and sequence classifiers, built by name.
+
+The output layer (``head``): ``head_init`` ``default`` (torch's Linear), ``orthogonal``
+(Cooijmans et al.), ``uniform`` (U(±0.1), Hou et al.); ``head_norm`` normalizes each class's
+weight vector and scales it by a trained gain from ``head_gain_init`` (Laurent et al.'s
+normalized output layer, gains from 1/1.21). A language model reads tokens through a
+learned embedding (``input_encoding: embedding``) or as one-hot vectors (``onehot``: Cooijmans
+et al., Laurent et al. and Hou et al. on characters; W_x then has a column per symbol).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cells import StackedRNN
 from .registry import Registry
 
 MODELS = Registry("model kind")
+HEAD_INITS = ("default", "orthogonal", "uniform")
+
+
+class NormalizedLinear(nn.Linear):
+    """A linear layer whose output j is ``g_j w_j·h / ||w_j|| + b_j`` (weight-normalized rows
+    with trained gains ``gain``)."""
+
+    def __init__(self, in_features, out_features, gain_init=1.0):
+        super().__init__(in_features, out_features)
+        self.gain = nn.Parameter(torch.full((out_features,), float(gain_init)))
+
+    def forward(self, h):
+        w = self.weight / self.weight.norm(dim=1, keepdim=True)
+        return F.linear(h, w * self.gain[:, None], self.bias)
+
+
+def make_head(hidden_size, classes, head_init="default", head_norm=False, head_gain_init=1.0):
+    head = (
+        NormalizedLinear(hidden_size, classes, head_gain_init)
+        if head_norm
+        else nn.Linear(hidden_size, classes)
+    )
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+    with torch.no_grad():
+        if head_init == "orthogonal":
+            nn.init.orthogonal_(head.weight)
+            head.bias.zero_()
+        elif head_init == "uniform":
+            head.weight.uniform_(-0.1, 0.1)
+            head.bias.zero_()
+    return head
+
+
+def _head_kw(kw: dict) -> dict:
+    return {k: kw.pop(k) for k in ("head_init", "head_norm", "head_gain_init") if k in kw}
 
 
 @MODELS.register("char_lm")
 @MODELS.register("word_lm")
 class LanguageModel(nn.Module):
-    """Embedding → recurrent stack → softmax over the vocabulary.
+    """Embedding (or one-hot) → recurrent stack → softmax over the vocabulary.
 
     Input (T, B) token ids (and an optional (T, B) ``mask`` of real positions for
-    variable-length batches); output ``(logits, states)`` with logits (T, B, vocab).
+    variable-length batches); output ``(logits, states)`` with logits (T, B, vocab). ``t0``
+    is the index of the first step (a long sequence fed in parts).
     """
 
-    def __init__(self, vocab_size, hidden_size, emb_size=None, num_layers=1, dropout=0.0, **rnn_kw):
+    def __init__(
+        self,
+        vocab_size,
+        hidden_size,
+        emb_size=None,
+        num_layers=1,
+        dropout=0.0,
+        input_encoding="embedding",
+        **rnn_kw,
+    ):
         super().__init__()
-        emb_size = emb_size or hidden_size
-        self.embed = nn.Embedding(vocab_size, emb_size)
+        if input_encoding not in ("embedding", "onehot"):
+            raise ValueError(f"input_encoding must be embedding or onehot, got {input_encoding!r}")
+        head_kw = _head_kw(rnn_kw)
+        self.vocab_size = vocab_size
+        if input_encoding == "onehot":
+            self.embed, emb_size = None, vocab_size
+        else:
+            emb_size = emb_size or hidden_size
+            self.embed = nn.Embedding(vocab_size, emb_size)
+            if head_kw.get("head_init") == "uniform":  # Hou et al.: the embedding too
+                nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         self.drop = nn.Dropout(dropout)
         self.rnn = StackedRNN(emb_size, hidden_size, num_layers, dropout=dropout, **rnn_kw)
-        self.head = nn.Linear(hidden_size, vocab_size)
+        self.head = make_head(hidden_size, vocab_size, **head_kw)
 
-    def forward(self, tokens: torch.Tensor, states=None, mask=None):
-        h, states = self.rnn(self.drop(self.embed(tokens)), states, mask)
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return F.one_hot(tokens, self.vocab_size).to(self.head.weight.dtype)
+        return self.embed(tokens)
+
+    def forward(self, tokens: torch.Tensor, states=None, mask=None, t0=0):
+        h, states = self.rnn(self.drop(self.encode(tokens)), states, mask, t0)
         return self.head(self.drop(h)), states
 
 
@@ -39,8 +108,9 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, num_classes, hidden_size, input_size=1, num_layers=1, dropout=0.0, **rnn_kw):
         super().__init__()
+        head_kw = _head_kw(rnn_kw)
         self.rnn = StackedRNN(input_size, hidden_size, num_layers, dropout=dropout, **rnn_kw)
-        self.head = nn.Linear(hidden_size, num_classes)
+        self.head = make_head(hidden_size, num_classes, **head_kw)
 
     def forward(self, x: torch.Tensor, states=None):
         h, states = self.rnn(x, states)
@@ -59,8 +129,11 @@ def build_model(
 
     ``kind``: ``char_lm``/``word_lm`` (``vocab_size`` tokens) or ``classifier`` (``vocab_size``
     or ``num_classes`` classes, ``input_size`` features per step). Other keywords go to the
-    recurrent layers: ``cell`` (lstm, gru), ``num_layers``, ``max_steps`` (T_max for per-step
-    batch statistics), ``norm_opts``, ``init_scale``, ``hh_init``, ``forget_bias``, ``dropout``.
+    recurrent layers: ``cell`` (lstm, gru, rnn_tanh), ``num_layers``, ``max_steps`` (T_max for
+    per-step batch statistics), ``norm_opts``, ``init``, ``init_scale``, ``hh_init``,
+    ``forget_bias``, ``learn_initial_state``, ``h0_noise``, ``dropout``; and to the output
+    layer: ``head_init``, ``head_norm``, ``head_gain_init``; language models also take
+    ``input_encoding``.
     """
     cls = MODELS[kind]
     if cls is SequenceClassifier:

@@ -46,9 +46,10 @@ class Recurrence:
     """What a step does besides the plain cell: ``input`` normalizes ``W_x x_t``,
     ``hidden`` normalizes ``W_h h_{t-1}`` and ``cell`` normalizes ``c_t`` (term modules,
     None = identity; ``input`` in stacks of steps, or as one step of all T·B rows where its
-    ``stepwise`` is false); the cell input is ``candidate_scale · tanh(g)`` and the output
-    ``h_t = σ(o) · output_scale · tanh(cell_scale · c_t)`` (normalization propagation's fixed
-    rescaling)."""
+    ``stepwise`` is false); the cell input is ``candidate_scale · tanh(g)``, the cell
+    ``c_t = carry_scale · σ(f) c_{t-1} + σ(i) · cell input`` and the output
+    ``h_t = σ(o) · output_scale · tanh(cell_scale · c_t)`` (normalization propagation's
+    rescaling; the compiled loop runs ``carry_scale`` 1 only)."""
 
     input: nn.Module | None = None
     hidden: nn.Module | None = None
@@ -56,6 +57,8 @@ class Recurrence:
     candidate_scale: float = 1.0
     cell_scale: float = 1.0
     output_scale: float = 1.0
+    carry_scale: float = 1.0
+    t0: int = 0  # the first step's index (a batch norm's statistics slot)
 
 
 def lstm_sequence(rec: Recurrence, x, w_hh, h0, c0, bias=None, w_ih=None):
@@ -109,7 +112,7 @@ def _input_steps(rec, xp, saved: list, xhat: list) -> list:
         return list(xp.unbind(0))
     steps = []
     for part in _parts(rec.input, xp):
-        xx = _term_step(rec.input, part, len(steps), saved, xhat)
+        xx = _term_step(rec.input, part, rec.t0 + len(steps), saved, xhat)
         steps += xx.view(-1, *xp.shape[1:]).unbind(0)
     return steps
 
@@ -275,7 +278,8 @@ def _rec_signature(rec: Recurrence) -> tuple:
     terms = tuple(
         None if t is None else (id(t), t.training) for t in (rec.input, rec.hidden, rec.cell)
     )
-    return terms + (rec.candidate_scale, rec.cell_scale, rec.output_scale)
+    scales = (rec.candidate_scale, rec.cell_scale, rec.output_scale, rec.carry_scale)
+    return terms + scales + (rec.t0,)
 
 
 def _terms(rec: Recurrence) -> tuple:
@@ -370,7 +374,7 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
         if hidden is None:
             torch.add(x_t, a, out=pre)
         else:
-            xh = _term_step(hidden, a, t, saved_h, xhat_h)
+            xh = _term_step(hidden, a, rec.t0 + t, saved_h, xhat_h)
             torch.addcmul(x_t, xh, w_h, out=pre)
             if b_h is not None:
                 pre.add_(b_h)
@@ -379,9 +383,10 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
         cand = _tanh_into(g[t])
         if rec.candidate_scale != 1.0:
             cand = cand * rec.candidate_scale
-        c = torch.addcmul(f[t] * c, i[t], cand, out=c_out[t])
+        kept = f[t] * c if rec.carry_scale == 1.0 else f[t] * c * rec.carry_scale
+        c = torch.addcmul(kept, i[t], cand, out=c_out[t])
         if cell is not None:
-            xc = _term_step(cell, c, t, saved_c, xhat_c)
+            xc = _term_step(cell, c, rec.t0 + t, saved_c, xhat_c)
             torch.tanh(_affine(xc, w_c, b_c), out=tc[t])
         else:
             torch.tanh(c if rec.cell_scale == 1.0 else c * rec.cell_scale, out=tc[t])
@@ -411,7 +416,7 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
     p = ws("p", steps, batch, gates)
     p_i, p_f, p_g, p_o = p.chunk(4, 2)
     torch.addcmul(i, i, i, value=-1, out=p_i).mul_(g).mul_(rec.candidate_scale)
-    torch.addcmul(f, f, f, value=-1, out=p_f).mul_(cs[:-1])
+    torch.addcmul(f, f, f, value=-1, out=p_f).mul_(cs[:-1]).mul_(rec.carry_scale)
     torch.mul(g, g, out=p_g).sub_(1).mul_(i).mul_(-rec.candidate_scale)
     torch.addcmul(o, o, o, value=-1, out=p_o).mul_(tcs).mul_(rec.output_scale)
 
@@ -440,7 +445,7 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
         else:
             da = hidden.step_backward(d_pres[t] * w_h, saved_h[t])
             d_a.append(da)
-        dc = dc * fs[t]
+        dc = dc * fs[t] if rec.carry_scale == 1.0 else dc * fs[t] * rec.carry_scale
     d_w = _weight_grad(d_a, d_pre, hs, ws)
     # p and k, no longer needed, hold the terms' products
     d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, p)
@@ -452,7 +457,7 @@ def _loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | 
     """The hidden and (with ``cell``: the LSTM) cell terms' forms in the compiled loop
     (``TermNorm.loop``; None for an absent term), or None where the loop does not run: not
     on ``x``'s device or dtype (``native.loop_applies``), or a term without a form there."""
-    if x.shape[0] == 0 or not native.loop_applies(x):
+    if x.shape[0] == 0 or (cell and rec.carry_scale != 1.0) or not native.loop_applies(x):
         return None
     terms = (rec.hidden, rec.cell if cell else None)
     specs = tuple(None if t is None else t.loop(x.shape[1]) for t in terms)
@@ -461,7 +466,7 @@ def _loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | 
     return specs
 
 
-def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
+def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features, t0=0):
     """A term's :class:`~normrnn.native.LoopTerm`: its spec and its gains, shift and the
     arrays the loop writes (x̂; the batch norms' mean and statistic, fresh tensors that the
     term keeps for its population statistics, and denominator; the row norms' mean and 1/std
@@ -470,7 +475,7 @@ def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
         return None
     xhat = ws(f"{name}_xhat", steps, batch, features)
     if spec[0] == "population":
-        mean, den = term.population(steps)
+        mean, den = term.population(steps, t0)
         stat = None
     elif spec[0] in native.KINDS:
         mean, stat = weight.new_empty(2, steps, features).unbind(0)
@@ -483,11 +488,12 @@ def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features):
     return native.LoopTerm(spec, weight.contiguous(), bias, xhat, mean, stat, den)
 
 
-def _keep_statistics(*pairs) -> None:
-    """Hands each (term module, its LoopTerm) pair's batch statistics to the term."""
+def _keep_statistics(t0, *pairs) -> None:
+    """Hands each (term module, its LoopTerm) pair's batch statistics (steps from ``t0``)
+    to the term."""
     for term, args in pairs:
         if args is not None and args.stat is not None:
-            term.loop_statistics(args.mean, args.stat)
+            term.loop_statistics(args.mean, args.stat, t0)
 
 
 def _xhat(args) -> list:
@@ -550,14 +556,14 @@ def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     cs = ws("cs", steps + 1, batch, size)
     tcs = ws("tcs", steps, batch, size)
     cs[0] = c0
-    hidden = _loop_term(ws, "h", rec.hidden, specs[0], w_h, b_h, steps, batch, 4 * size)
-    cell = _loop_term(ws, "c", rec.cell, specs[1], w_c, b_c, steps, batch, size)
+    hidden = _loop_term(ws, "h", rec.hidden, specs[0], w_h, b_h, steps, batch, 4 * size, rec.t0)
+    cell = _loop_term(ws, "c", rec.cell, specs[1], w_c, b_c, steps, batch, size, rec.t0)
     native.loop(
         "lstm", False, dims, _scales(rec), hidden, cell,
         x=xin, w=w_hh.contiguous(), hs=hs, cs=cs, act=act, tcs=tcs,
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
-    _keep_statistics((rec.hidden, hidden), (rec.cell, cell))
+    _keep_statistics(rec.t0, (rec.hidden, hidden), (rec.cell, cell))
     return hs, cs, ("compiled", *saved, hidden, cell)
 
 
@@ -632,7 +638,7 @@ def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     for t in range(steps):
         a = torch.mm(h, wt)
         if hidden is not None:
-            a = _affine(_term_step(hidden, a, t, saved_h, xhat_h), w_h, b_h)
+            a = _affine(_term_step(hidden, a, rec.t0 + t, saved_h, xhat_h), w_h, b_h)
         x_t = _input_step(rec, xs, t, bias, w_x, b_x, xin)
         x_rz, x_n = x_t.split([2 * size, size], 1)
         a_rz, a_n = a.split([2 * size, size], 1)
@@ -703,13 +709,13 @@ def _gru_forward_compiled(rec, ws, spec, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x
     dims, xin, act, hs, saved = _loop_begin(rec, ws, x, h0, bias, w_ih, w_x, b_x, gates=3)
     steps, batch, size = dims
     hnb = ws("hnb", steps, batch, size)
-    hidden = _loop_term(ws, "h", rec.hidden, spec, w_h, b_h, steps, batch, 3 * size)
+    hidden = _loop_term(ws, "h", rec.hidden, spec, w_h, b_h, steps, batch, 3 * size, rec.t0)
     native.loop(
         "gru", False, dims, _scales(rec), hidden, None,
         x=xin, w=w_hh.contiguous(), hs=hs, act=act, tcs=hnb, b_hn=b_hn.contiguous(),
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
-    _keep_statistics((rec.hidden, hidden))
+    _keep_statistics(rec.t0, (rec.hidden, hidden))
     return hs, ("compiled", *saved, hidden)
 
 
