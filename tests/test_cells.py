@@ -15,8 +15,8 @@ from normrnn import (
     native,
     sequence,
 )
-from normrnn.norms import BatchNormTerm
 from normrnn.diagnostics import recording
+from normrnn.norms import BatchNormTerm
 from normrnn.optim import make_optimizer, update_preconditioners
 
 

@@ -101,7 +101,9 @@ class RecurrentLayer(nn.Module):
         else:
             self.path = "loop"
         states = self.state_count
-        self.initial = nn.Parameter(torch.zeros(states, hidden_size)) if learn_initial_state else None
+        self.initial = (
+            nn.Parameter(torch.zeros(states, hidden_size)) if learn_initial_state else None
+        )
         self.h0_noise = h0_noise
         self.reset_parameters(init_scale, hh_init, forget_bias, init)
 
@@ -307,9 +309,7 @@ class TanhRNNLayer(RecurrentLayer):
     def fused(self, x, state, w_ih, w_hh):
         (h,) = state
         params = [w_ih, w_hh, self.bias, torch.zeros_like(self.bias)]
-        y, h = torch.rnn_tanh(
-            x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False
-        )
+        y, h = torch.rnn_tanh(x, h.unsqueeze(0), params, True, 1, 0.0, self._train(), False, False)
         return y, (h[0],)
 
     def step(self, xt, state, w_hh, t, mask=None):

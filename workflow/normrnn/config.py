@@ -1,8 +1,9 @@
 """The pipeline's config: validation beyond the JSON schema, and expansion into runs.
 
 A config is a list of studies; a study is tasks × norms × quants × grid × seeds. A run's
-hyperparameters are ``defaults`` ⊕ the task's ⊕ the study's ``overrides`` ⊕ the study's
-``task_overrides`` of that task ⊕ one grid point.
+hyperparameters are ``defaults`` ⊕ the task's ⊕ the study's recipe's (``recipes/``, for the
+run's task, dataset kind, norm and quantizer) ⊕ the study's ``overrides`` ⊕ the study's
+``task_overrides`` of that task ⊕ one grid point; ``norm_opts`` merge per norm.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import recipes
 from .cells import CELLS
 from .data import FORMATS, SOURCES, default_format
 from .models import MODELS
-from .norms import NORMS, uses_batch_norm
+from .norms import NORMS, norm_options, uses_batch_norm
 from .optim import OPTIMIZERS
 from .quantizers import QUANTIZERS
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-DATASET_KEYS = {"dataset"}
+DATASET_KEYS = {"dataset", "report_as"}  # task keys that are not hyperparameters
 REQUIRED_HPARAMS = ("model", "hidden_size", "batch_size", "epochs", "lr")
 # A study's optional figures (its ``figures`` key), each made by the rule ``figure``.
 FIGURES = ("grid", "bn_statistics", "lengths", "spectral")
@@ -45,6 +47,8 @@ class Run:
     dataset: str
     grid: dict = field(default_factory=dict, hash=False, compare=False)
     hparams: dict = field(default_factory=dict, hash=False, compare=False)
+    recipe: str = recipes.NONE
+    report_as: str = ""  # the task name the papers' reported numbers use ("" = ``task``)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -65,6 +69,7 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
     except Exception as e:  # snakemake wraps jsonschema's error in a WorkflowError
         raise ConfigError(_schema_message(e)) from None
     _check_names(config)
+    _check_recipes(config, schema)
     runs = expand(config)
     if not runs:
         raise ConfigError("'studies' expands to zero runs")
@@ -122,8 +127,15 @@ def _check_hparams(where: str, hp: dict) -> None:
         _one_of(f"{where}.cell", hp["cell"], CELLS)
     if "optimizer" in hp:
         _one_of(f"{where}.optimizer", hp["optimizer"], OPTIMIZERS)
-    for name in hp.get("norm_opts", {}) or {}:
+    for name, opts in (hp.get("norm_opts", {}) or {}).items():
         _one_of(f"{where}.norm_opts", name, NORMS)
+        known = norm_options(name)
+        for key in opts or {}:
+            if key not in known:
+                raise ConfigError(
+                    f"{where}.norm_opts.{name}: {key!r} is not an option of {name} "
+                    f"({', '.join(sorted(known))})"
+                )
 
 
 def _check_names(config: dict) -> None:
@@ -166,9 +178,49 @@ def _check_names(config: dict) -> None:
                     f"{where}.task_overrides.{t}: not one of the study's tasks {study['tasks']}"
                 )
             _check_hparams(f"{where}.task_overrides.{t}", hp)
+
+
+def _hparam_validator(schema: str | Path):
+    """A jsonschema validator of one hyperparameter layer (the schema's ``hparams``)."""
+    import jsonschema
+    import yaml
+
+    doc = yaml.safe_load(Path(schema).read_text())
+    return jsonschema.Draft202012Validator({"$defs": doc["$defs"], "$ref": "#/$defs/hparams"})
+
+
+def _check_layer(validator, where: str, layer: dict) -> None:
+    errors = sorted(validator.iter_errors(layer), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        path = ".".join(str(p) for p in e.absolute_path)
+        raise ConfigError(f"{where}{'.' + path if path else ''}: {e.message}")
+    _check_hparams(where, layer)
+
+
+def _check_recipes(config: dict, schema) -> None:
+    """The studies' recipes exist, and every layer of each is a valid hyperparameter set;
+    grid values are valid values of their key."""
+    validator = _hparam_validator(schema)
+    for i, study in enumerate(config["studies"]):
+        name = study.get("recipe", recipes.NONE)
+        _one_of(f"studies[{i}].recipe", name, recipes.names())
+        recipe = recipes.load(name)
+        where = f"recipe {name}"
+        _check_layer(validator, f"{where}.defaults", recipe.get("defaults") or {})
+        for key in ("kinds", "tasks"):
+            for sub, layer in (recipe.get(key) or {}).items():
+                _check_layer(validator, f"{where}.{key}.{sub}", layer or {})
+        for j, case in enumerate(recipe.get("cases") or []):
+            bad = set(case.get("when", {})) - set(recipes.MATCH)
+            if bad or "set" not in case:
+                raise ConfigError(
+                    f"{where}.cases[{j}]: needs 'when' with keys among {recipes.MATCH} and 'set'"
+                )
+            _check_layer(validator, f"{where}.cases[{j}].set", case["set"])
         for key, values in (study.get("grid") or {}).items():
-            for j, v in enumerate(values):
-                _check_hparams(f"{where}.grid.{key}[{j}]", {key: v})
+            for j, value in enumerate(values):
+                _check_layer(validator, f"studies[{i}].grid.{key}[{j}]", {key: value})
 
 
 def _check_figures(config: dict, runs: dict) -> None:
@@ -204,19 +256,22 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
     for study in config["studies"]:
         grid = study.get("grid") or {}
         points = [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+        recipe = study.get("recipe", recipes.NONE)
         for task in study["tasks"]:
             task_cfg = config["tasks"][task]
+            kind = config["datasets"][task_cfg["dataset"]]["kind"]
             base = {k: v for k, v in task_cfg.items() if k not in DATASET_KEYS}
             for norm, quant, point, seed in itertools.product(
                 study["norms"], study["quants"], points, study["seeds"]
             ):
-                hp = {
-                    **defaults,
-                    **base,
-                    **(study.get("overrides") or {}),
-                    **(study.get("task_overrides") or {}).get(task, {}),
-                    **point,
-                }
+                hp = recipes.merge(
+                    defaults,
+                    base,
+                    recipes.settings(recipe, task, kind, norm, quant),
+                    study.get("overrides") or {},
+                    (study.get("task_overrides") or {}).get(task, {}),
+                    point,
+                )
                 run = Run(
                     study=study["name"],
                     task=task,
@@ -227,6 +282,8 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
                     dataset=task_cfg["dataset"],
                     grid=point,
                     hparams=hp,
+                    recipe=recipe,
+                    report_as=task_cfg.get("report_as", task),
                 )
                 runs[run.key] = run
     return runs
@@ -241,6 +298,8 @@ TRAINING_MODULES = (
     "optim",
     "quantizers",
     "registry",
+    "sequence",
+    "tasks",
     "training",
 )
 

@@ -284,6 +284,16 @@ def lm_batches(ids: torch.Tensor, batch_size: int, seq_len: int):
     return [(x[i : i + seq_len], y[i : i + seq_len]) for i in range(0, n, seq_len)]
 
 
+def crop_examples(ids: torch.Tensor, length: int, offset: int = 0, drop_last: bool = False):
+    """Non-overlapping examples of ``length`` tokens from ``offset`` on, shape (N, length):
+    ``len(ids) // length`` of them, one fewer with ``drop_last`` (which leaves room for any
+    offset below ``length``, as Cooijmans et al.'s augmented crops do)."""
+    count = len(ids) // length - (1 if drop_last else 0)
+    if count < 2:
+        raise DataError(f"a stream of {len(ids)} tokens gives fewer than 2 examples of {length}")
+    return ids[offset : offset + count * length].view(count, length)
+
+
 def classification_batches(x, y, batch_size: int, generator: torch.Generator | None = None):
     """Minibatches of (T, B, input) sequences and (B,) labels, shuffled by ``generator``."""
     order = (

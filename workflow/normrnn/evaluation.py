@@ -1,4 +1,10 @@
-"""Evaluate a trained run on the test split and record its cost and size in one JSON."""
+"""Evaluate a trained run on the test split and record its cost and size in one JSON.
+
+Both kept models are tested, the last one and the best-validation one (``test_metric_last``,
+``test_metric_best``, ``best_epoch``); ``test_metric`` is the one the run's ``select`` names
+(``last``, the default, or ``best``), and ``valid_metric`` that model's validation metric
+under the task's validation protocol, with population statistics (the split some papers
+report). A noisy initial state (``h0_noise``) draws its noise from the run's seed."""
 
 from __future__ import annotations
 
@@ -11,8 +17,9 @@ from pathlib import Path
 import torch
 
 from .diagnostics import batch_norm_statistics, hidden_gradient_norms, spectral_norms
-from .models import build_model, model_bits, recurrent_layers
-from .training import autocast, evaluate, load_model, make_task, resolve_device
+from .models import build_model, model_bits, recurrent_layers, recurrent_size_kb
+from .tasks import make_task
+from .training import autocast, evaluate, load_model, population_statistics, resolve_device
 
 
 @torch.no_grad()
@@ -27,6 +34,34 @@ def inference_seconds_per_step(model, task, device, repeats: int = 5) -> float:
         task.loss(model, batch, None, device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]) / steps
+
+
+def test_both(model_path, saved, task, params, device) -> dict:
+    """Test and validation scores of the last and the best-validation model: {"last": ...,
+    "best": ...}, each with test_loss, test_metric, valid_loss and valid_metric."""
+    out = {}
+    precision = params.get("precision", "fp32")
+    for which in ("last", "best"):
+        model = load_model(model_path, which)[0].to(device)
+        if which == "best" and _needs_population(params, saved):
+            population_statistics(model, task, params, device, precision)
+        scores = {}
+        for split in ("test", "valid"):
+            torch.manual_seed(params["seed"])  # (the noise of a noisy initial state)
+            score = evaluate(model, task, split, device, precision)
+            scores.update({f"{split}_loss": score.loss, f"{split}_metric": score.metric})
+        out[which] = scores
+    return out
+
+
+def _needs_population(params, saved) -> bool:
+    """Whether the best model's population statistics were not estimated in training (its
+    validation used batch statistics) and must be, over the training data, before its test."""
+    return (
+        saved.get("best_state_dict") is not None
+        and params.get("valid_statistics", "population") == "batch"
+        and params.get("population_stats", "dataset") == "dataset"
+    )
 
 
 def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="auto") -> dict:
@@ -46,6 +81,7 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
     result.update(
         n_params=sum(p.numel() for p in model.parameters()),
         model_bits=model_bits(model),
+        size_kb=recurrent_size_kb(model),
         hidden_size=params["hidden_size"],
         cell=params.get("cell", "lstm"),
         num_layers=params.get("num_layers", 1),
@@ -53,14 +89,15 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
     if info["status"] == "diverged":
         result.update(test_loss=math.nan, test_metric=math.nan, infer_seconds_per_step=math.nan)
     else:
-        loss, metric = evaluate(model, task, "test", device, params.get("precision", "fp32"))
-        if not math.isfinite(loss):
+        scores = test_both(model_path, saved, task, params, device)
+        chosen = scores[params.get("select", "last")]
+        if not math.isfinite(chosen["test_loss"]):
             result["status"] = "diverged"
-        result.update(
-            test_loss=loss,
-            test_metric=metric,
-            infer_seconds_per_step=inference_seconds_per_step(model, task, device),
-        )
+        result.update(chosen)
+        for which, score in scores.items():
+            result.update({f"{k}_{which}": v for k, v in score.items()})
+        result["selected"] = params.get("select", "last")
+        result["infer_seconds_per_step"] = inference_seconds_per_step(model, task, device)
         if params.get("eval_seq_lens"):
             result["length_metrics"] = length_metrics(model, task, device, params)
         model.eval()

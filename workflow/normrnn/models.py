@@ -158,3 +158,26 @@ def model_bits(model: nn.Module) -> int:
             bits += layer.quant.storage_bits(w.numel(), layer.gates)
             quantized.add(id(w))
     return bits + 32 * sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+
+
+# The buffers that hold a model's own numbers (population statistics), not bookkeeping.
+STATE_BUFFERS = ("running_mean", "running_stat")
+
+
+def recurrent_size_kb(model: nn.Module) -> float:
+    """The recurrent layers' storage in KiB, as Hou et al.'s tables count a model's size: the
+    quantized weights at their bit width (with their scales), and in float32 the biases, the
+    norms' parameters and their population statistics (per step for per-step batch norm);
+    not the embedding or the output layer."""
+    bits = 0
+    for layer in recurrent_layers(model):
+        weights = {id(layer.weight_ih), id(layer.weight_hh)}
+        for w in (layer.weight_ih, layer.weight_hh):
+            bits += layer.quant.storage_bits(w.numel(), layer.gates)
+        bits += 32 * sum(p.numel() for p in layer.parameters() if id(p) not in weights)
+        bits += 32 * sum(
+            b.numel()
+            for name, b in layer.named_buffers()
+            if name.rsplit(".", 1)[-1] in STATE_BUFFERS
+        )
+    return bits / 8 / 1024

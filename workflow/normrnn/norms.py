@@ -1069,7 +1069,17 @@ def norm_options(name: str) -> set[str]:
     term = activation_term(name)
     if term is not None:
         classes += [c for c in term.__mro__ if issubclass(c, TermNorm)]
-    fixed = {"self", "term", "hidden_size", "gates", "max_steps", "features", "groups", "args", "kw"}
+    fixed = {
+        "self",
+        "term",
+        "hidden_size",
+        "gates",
+        "max_steps",
+        "features",
+        "groups",
+        "args",
+        "kw",
+    }
     names = set()
     for cls in classes:
         names |= {

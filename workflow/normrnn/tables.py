@@ -134,53 +134,95 @@ def write_tables(df: pd.DataFrame, md_path, tex_path, title: str) -> pd.DataFram
     return table
 
 
+# A reported row's split → the run's column it compares with (and a note where it is unsure).
+SPLIT_COLUMNS = {"test": "test_metric", "not stated": "test_metric", "": "test_metric"}
+METRIC_COLUMNS = {"size_kb": "size_kb", "time_s_per_epoch": "seconds_per_epoch"}
+
+
+def reproduced_column(split: str, metric: str) -> tuple[str, str]:
+    """The run column a reported (split, metric) compares with, and a note."""
+    if metric in METRIC_COLUMNS:
+        return METRIC_COLUMNS[metric], ""
+    if split.startswith("valid"):
+        return "valid_metric", "validation split, under the run's validation protocol"
+    if split == "not stated":
+        return "test_metric", "the paper does not say the split: compared with the test split"
+    return SPLIT_COLUMNS.get(split, "test_metric"), ""
+
+
 def compare_reported(
     runs: pd.DataFrame, reported: pd.DataFrame, paper: str | None, tolerance: dict
 ):
-    """The paper's reported numbers beside the reproduced ones (mean ± std over seeds).
-
-    A reported row matches the study's runs of the same task, norm and quantizer; where the
-    paper reports several hidden sizes, the runs are matched to the nearest one. ``flag`` marks
-    a difference larger than the metric's tolerance.
-    """
-    columns = ["task", "norm", "quant", "metric", "reported H", "run H", "reported",
-               "reproduced", "n", "difference", "flag", "source"]  # fmt: skip
+    """The paper's reported numbers beside the reproduced ones (mean ± std over seeds), like
+    with like: the reported row's split (test, or validation: the selected model's
+    validation metric) and metric (a model size in KiB, seconds per epoch). A reported row
+    matches the study's runs of the same task (``report_as``), norm and quantizer; where the
+    paper reports several hidden sizes, the runs are matched to the nearest one, and a size
+    that differs is said, not flagged. ``flag`` marks a difference larger than the metric's
+    tolerance; times per epoch are compared as ratios to the baseline's (other hardware)."""
+    columns = ["task", "norm", "quant", "metric", "split", "reported H", "run H", "reported",
+               "reproduced", "n", "difference", "flag", "note", "source"]  # fmt: skip
     if paper is None:
         return pd.DataFrame(columns=columns)
-    rep = reported[(reported["paper"] == paper) & reported["task"].isin(runs["task"].unique())]
+    runs = runs.assign(report_task=runs["report_as"] if "report_as" in runs else runs["task"])
+    rep = reported[(reported["paper"] == paper) & reported["task"].isin(runs["report_task"])]
+    rep = rep.fillna({"split": ""})
     rows = []
-    for (task, norm, quant), group in rep.groupby(["task", "norm", "quant"], sort=False):
-        sel = runs[(runs.task == task) & (runs.norm == norm) & (runs.quant == quant)]
-        pairs = _nearest_sizes(group, sel) if len(sel) else [(None, r) for _, r in group.iterrows()]
-        for h, r in pairs:
-            metric = r["metric"]
-            mine = sel[sel.hidden_size == h]
-            ok = mine[mine.status != "diverged"]["test_metric"].dropna()
-            row = {"task": task, "norm": norm, "quant": quant, "metric": metric,
+    for (task, norm, quant, metric, split), group in rep.groupby(
+        ["task", "norm", "quant", "metric", "split"], sort=False
+    ):
+        sel = runs[(runs.report_task == task) & (runs.norm == norm) & (runs.quant == quant)]
+        pairs = (
+            _nearest_sizes(group, sel)
+            if len(sel)
+            else [(task, None, r) for _, r in group.iterrows()]
+        )
+        column, note = reproduced_column(split, metric)
+        for run_task, h, r in pairs:
+            mine = sel[(sel.task == run_task) & (sel.hidden_size == h)]
+            ok = mine[mine.status != "diverged"]
+            values = ok[column].dropna() if column in ok else pd.Series(dtype=float)
+            row = {"task": run_task, "norm": norm, "quant": quant, "metric": metric, "split": split,
                    "reported H": int(r["hidden_size"]), "run H": h, "reported": r["value"],
-                   "n": len(mine), "source": r["source"]}  # fmt: skip
-            if ok.empty:
+                   "n": len(mine), "source": r["source"], "note": note}  # fmt: skip
+            if values.empty:
                 row.update(
                     reproduced="diverged" if len(mine) else "not run", difference=None, flag=""
                 )
-            else:
-                diff = ok.mean() - r["value"]
-                std = f" ± {ok.std(ddof=1):.3f}" if len(ok) > 1 else ""
-                row.update(
-                    reproduced=f"{ok.mean():.3f}{std}",
-                    difference=round(diff, 4),
-                    flag="outside tolerance"
-                    if abs(diff) > tolerance.get(metric, float("inf"))
-                    else "",
-                )
+                rows.append(row)
+                continue
+            std = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
+            diff = values.mean() - r["value"]
+            row.update(reproduced=f"{values.mean():.3f}{std}", difference=round(diff, 4), flag="")
+            if h != int(r["hidden_size"]):
+                row["flag"] = "other size"
+            elif metric == "time_s_per_epoch":
+                row.update(difference=None, note=_time_ratio(runs, rep, task, h, values, r))
+            elif abs(diff) > tolerance.get(metric, float("inf")):
+                row["flag"] = "outside tolerance"
             rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
 
+def _time_ratio(runs, rep, task, h, values, reported_row) -> str:
+    """Seconds per epoch as a ratio to the baseline's (none, fp) of the same task and size,
+    reported and reproduced: absolute times depend on the hardware."""
+    base = rep[(rep.task == task) & (rep.norm == "none") & (rep.quant == "fp")]
+    base = base[base.metric == "time_s_per_epoch"]
+    mine = runs[(runs.report_task == task) & (runs.norm == "none") & (runs.quant == "fp")]
+    mine = mine[mine.hidden_size == h]["seconds_per_epoch"].dropna()
+    if base.empty or mine.empty:
+        return "other hardware: no baseline to compare the ratio with"
+    paper = reported_row["value"] / base["value"].iloc[0]
+    ours = values.mean() / mine.mean()
+    return f"other hardware; relative to the baseline: reported {paper:.2f}, reproduced {ours:.2f}"
+
+
 def _nearest_sizes(reported_rows: pd.DataFrame, runs: pd.DataFrame) -> list:
-    """(hidden size run, the reported row of the nearest size) for each size run."""
+    """(task, hidden size run, the reported row of the nearest size) for each task and size
+    run (the runs of two tasks that report as one are never pooled)."""
     out = []
-    for h in sorted(runs["hidden_size"].unique()):
+    for (task, h), _ in runs.groupby(["task", "hidden_size"], sort=True):
         i = (reported_rows["hidden_size"] - h).abs().argmin()
-        out.append((int(h), reported_rows.iloc[i]))
+        out.append((task, int(h), reported_rows.iloc[i]))
     return out

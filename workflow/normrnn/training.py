@@ -1,10 +1,17 @@
-"""Training and evaluation of one run, with checkpoints that survive kills.
+"""Training of one run, with checkpoints that survive kills.
 
 A run checkpoints atomically (temp file, then rename; the previous checkpoint is kept) every
 ``checkpoint_every`` steps and after every epoch. Started again, it resumes from the newest
-readable checkpoint: model, optimizer, scheduler, RNG states, data position and carried
-hidden state, so a killed and resumed run ends where an uninterrupted one does. SIGTERM and
-SIGUSR1 (SLURM's warning before a time limit or preemption) checkpoint and exit with 143.
+readable checkpoint: model, optimizer, scheduler, RNG states, data position, carried hidden
+state and the best-validation model so far, so a killed and resumed run ends where an
+uninterrupted one does. SIGTERM and SIGUSR1 (SLURM's warning before a time limit or
+preemption) checkpoint and exit with 143.
+
+After every epoch the run is validated (``valid_statistics``: with the batch norms'
+population statistics, estimated over the training data first when ``population_stats`` is
+``dataset``, or with batch statistics as in training, Cooijmans et al.'s model selection).
+The model with the best validation ``select_on`` (loss or error rate) is kept beside the last
+one; ``select`` says which one the test reports (evaluation.py tests both).
 
 A diverged run (loss NaN/inf or above ``divergence_loss``) and one past ``time_budget_s``
 stop early with status ``diverged``/``timeout``: they are results, and their outputs are
@@ -23,24 +30,16 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .data import (
-    IGNORE,
-    classification_batches,
-    lm_batches,
-    load_meta,
-    load_split,
-    variable_length_batches,
-)
 from .models import build_model
-from .norms import estimate_population_statistics
-from .optim import make_optimizer, update_preconditioners
+from .norms import activation_term, estimate_population_statistics, frozen_statistics
+from .optim import make_optimizer, make_scheduler, parameter_groups, update_preconditioners
+from .tasks import make_task
 
-LN2 = math.log(2)
 PREEMPT_EXIT = 143
 
 
@@ -54,107 +53,9 @@ class CheckpointError(RuntimeError):
     pass
 
 
-# ----------------------------------------------------------------------------- tasks
-class ClassificationTask:
-    metric, higher_is_better = "accuracy", True
-
-    def __init__(self, meta, params, data_dir):
-        self.meta, self.params = meta, params
-        self.splits = {s: load_split(data_dir, s, meta) for s in ("train", "valid", "test")}
-
-    def model_kwargs(self):
-        return {"num_classes": self.meta["num_classes"], "input_size": self.meta["input_size"]}
-
-    @property
-    def max_steps(self):
-        return self.meta["seq_len"]
-
-    def batches(self, split, epoch=0, seed=0):
-        d = self.splits[split]
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch) if split == "train" else None
-        return classification_batches(d["x"], d["y"], self.params["batch_size"], g)
-
-    def loss(self, model, batch, state, device):
-        x, y = batch
-        logits = model(x.to(device))[0]
-        return (
-            F.cross_entropy(logits, y.to(device)),
-            None,
-            (logits.argmax(1).cpu() == y).sum().item(),
-            len(y),
-        )
-
-    def score(self, total_loss, correct, count):
-        return total_loss / count, correct / count
-
-
-class LanguageModelTask:
-    def __init__(self, meta, params, data_dir):
-        self.meta, self.params = meta, params
-        self.splits = {s: load_split(data_dir, s, meta)["ids"] for s in ("train", "valid", "test")}
-        self.metric = "bpc" if meta["kind"] == "char" else "perplexity"
-        self.higher_is_better = False
-
-    def model_kwargs(self):
-        return {"vocab_size": self.meta["vocab_size"]}
-
-    @property
-    def max_steps(self):
-        return self.params["seq_len"]
-
-    @property
-    def variable_length(self) -> bool:
-        return self.params.get("train_lengths", "fixed") != "fixed"
-
-    def batches(self, split, epoch=0, seed=0, seq_len=None):
-        """(inputs, targets) chunks; with ``train_lengths: variable[_unmasked]`` the training
-        chunks are variable-length sequences (inputs, targets, mask), see
-        :func:`~normrnn.data.variable_length_batches`."""
-        chunks = lm_batches(
-            self.splits[split], self.params["batch_size"], seq_len or self.params["seq_len"]
-        )
-        if split != "train" or not self.variable_length:
-            return chunks
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        return variable_length_batches(chunks, g)
-
-    def loss(self, model, batch, state, device):
-        """Mean cross-entropy over the real (unpadded) targets. Variable-length sequences
-        start from a zero state; ``variable_unmasked`` hides the mask from the batch norms
-        (their statistics then include the padding: the ablation of masked statistics)."""
-        x, y, *mask = batch
-        if mask:  # a variable-length batch: its sequences start from a zero state
-            state = None
-        use_mask = mask and self.params["train_lengths"] == "variable"
-        logits, state = model(x.to(device), state, mask[0].to(device) if use_mask else None)
-        carry = self.params.get("carry_state", True) and not self.variable_length
-        state = _detach(state) if carry else None
-        y = y.to(device).flatten()
-        loss = F.cross_entropy(logits.flatten(0, 1), y, ignore_index=IGNORE)
-        return loss, state, 0, int((y != IGNORE).sum())
-
-    def score(self, total_loss, correct, count):
-        nll = total_loss / count
-        return nll, nll / LN2 if self.metric == "bpc" else math.exp(min(nll, 700))
-
-
-def _detach(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    return type(state)(_detach(s) for s in state)
-
-
-def make_task(data_dir, params):
-    meta = load_meta(data_dir)
-    cls = ClassificationTask if meta["kind"] == "classification" else LanguageModelTask
-    return cls(meta, params, data_dir)
-
-
 def norm_options(params) -> dict:
     """The run's norm options: ``norm_opts[norm]``, with a ``gamma_init`` hyperparameter (a grid
     axis) applied to the norms that have a gain γ (the activation norms)."""
-    from .norms import activation_term
-
     norm = params["norm"]
     opts = dict((params.get("norm_opts") or {}).get(norm, {}))
     if "gamma_init" in params and activation_term(norm) is not None:
@@ -162,25 +63,39 @@ def norm_options(params) -> dict:
     return opts
 
 
+MODEL_KEYS = {  # hyperparameter: (build_model keyword, default)
+    "cell": ("cell", "lstm"),
+    "num_layers": ("num_layers", 1),
+    "dropout": ("dropout", 0.0),
+    "init": ("init", "orthogonal_gates"),
+    "init_scale": ("init_scale", 1.0),
+    "hh_init": ("hh_init", "orthogonal"),
+    "forget_bias": ("forget_bias", 1.0),
+    "learn_initial_state": ("learn_initial_state", False),
+    "h0_noise": ("h0_noise", 0.0),
+    "head_init": ("head_init", "default"),
+    "head_norm": ("head_norm", False),
+    "head_gain_init": ("head_gain_init", 1.0),
+}
+
+
 def model_spec(task, params) -> dict:
     """The keyword arguments of build_model for this run (saved with the model)."""
-    norm = params["norm"]
-    return {
+    spec = {
         "kind": params["model"],
         "hidden_size": params["hidden_size"],
-        "norm": norm,
+        "norm": params["norm"],
         "quant": params["quant"],
-        "cell": params.get("cell", "lstm"),
-        "num_layers": params.get("num_layers", 1),
-        "dropout": params.get("dropout", 0.0),
         "max_steps": task.max_steps,
         "norm_opts": norm_options(params),
-        "init_scale": params.get("init_scale", 1.0),
-        "hh_init": params.get("hh_init", "orthogonal"),
-        "forget_bias": params.get("forget_bias", 1.0),
-        **({"emb_size": params["emb_size"]} if params.get("emb_size") else {}),
+        **{kw: params.get(key, default) for key, (kw, default) in MODEL_KEYS.items()},
         **task.model_kwargs(),
     }
+    if params.get("emb_size"):
+        spec["emb_size"] = params["emb_size"]
+    if params["model"] != "classifier":
+        spec["input_encoding"] = params.get("input_encoding", "embedding")
+    return spec
 
 
 def autocast(device, precision):
@@ -188,18 +103,34 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+@dataclass
+class Score:
+    loss: float
+    metric: float
+    error: float  # the fraction of examples (classification) or symbols predicted wrongly
+
+
 @torch.no_grad()
-def evaluate(model, task, split, device, precision="fp32", max_batches=0):
-    model.eval()
+def evaluate(model, task, split, device, precision="fp32", max_batches=0, statistics="population"):
+    """The loss, metric and error rate of ``split``, in eval mode (the batch norms'
+    population statistics), or with ``statistics="batch"`` with each batch's own statistics
+    as in training, leaving the population statistics as they are."""
+    if statistics == "batch":
+        model.train()
+        context = frozen_statistics(model)
+    else:
+        model.eval()
+        context = contextlib.nullcontext()
     total, correct, count, state = 0.0, 0, 0, None
-    batches = task.batches(split)
-    for batch in batches[: max_batches or None]:
-        with autocast(device, precision):
-            loss, state, c, n = task.loss(model, batch, state, device)
-        total += loss.item() * n
-        correct += c
-        count += n
-    return task.score(total, correct, count)
+    with context:
+        for batch in task.batches(split)[: max_batches or None]:
+            with autocast(device, precision):
+                loss, state, c, n = task.loss(model, batch, state, device)
+            total += loss.item() * n
+            correct += c
+            count += n
+    loss, metric = task.score(total, correct, count)
+    return Score(loss, metric, 1 - correct / count)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -238,12 +169,14 @@ class Checkpointer:
         return None
 
 
-def load_model(path) -> tuple[torch.nn.Module, dict]:
-    """Load a trained model written by :func:`train`."""
+def load_model(path, which: str = "last") -> tuple[torch.nn.Module, dict]:
+    """Load a trained model written by :func:`train`: the last one, or ``which="best"`` the
+    best-validation one (the last one where the run kept none)."""
     try:
         saved = torch.load(path, weights_only=False, map_location="cpu")
         model = build_model(**saved["spec"])
-        model.load_state_dict(saved["state_dict"])
+        state = saved.get("best_state_dict") if which == "best" else None
+        model.load_state_dict(state or saved["state_dict"])
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot load the trained model ({type(e).__name__}: {e})"
@@ -252,21 +185,34 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
 
 
 # ----------------------------------------------------------------------------- training
-def make_scheduler(opt, params):
-    """Per-epoch learning-rate schedule: ×``lr_plateau_factor`` when the validation loss
-    stops improving, else ×``lr_decay`` after each epoch from ``lr_decay_start`` on."""
-    if params.get("lr_plateau_factor"):
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, factor=params["lr_plateau_factor"], patience=0
-        )
-    decay, start = params.get("lr_decay", 1.0), params.get("lr_decay_start", 0)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: decay ** max(0, e - start + 1))
-
-
 def fingerprint(params: dict, code: str = "") -> str:
     """Identifies a run's settings: a checkpoint is only resumed by the same run."""
     blob = json.dumps(params, sort_keys=True, default=str) + code
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Progress:
+    """Where a run is: saved in every checkpoint (as a dict) and restored from it."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    state: object = None  # the hidden state carried between chunks
+    status: str = "running"
+    step_times: list = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    train_time: float = 0.0
+    epoch_train_time: float = 0.0
+    stop_step: int | None = None
+    best: float = math.inf  # the best validation value of ``select_on`` so far
+    best_epoch: int | None = None
+    best_state: dict | None = None
+
+
+SELECT_ON = ("loss", "error")
 
 
 def train(
@@ -280,34 +226,28 @@ def train(
     log=None,
     code="",
 ):
-    """Train one run; write the model, the per-epoch history (CSV) and a JSON summary.
-
-    ``code`` (the package's code hash) joins the params in the checkpoint's fingerprint.
-    """
+    """Train one run; write the model (last and best-validation weights), the per-epoch
+    history (CSV) and a JSON summary. ``code`` (the package's code hash) joins the params in
+    the checkpoint's fingerprint."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = resolve_device(device)
     torch.manual_seed(params["seed"])
     task = make_task(data_dir, params)
     spec = model_spec(task, params)
     model = build_model(**spec).to(device)
-    extra = {k: params[k] for k in ("weight_decay", "momentum") if params.get(k) is not None}
-    opt = make_optimizer(params.get("optimizer", "adam"), model.parameters(), params["lr"], **extra)
+    extra = {
+        k: params[k] for k in ("weight_decay", "momentum", "alpha") if params.get(k) is not None
+    }
+    opt = make_optimizer(
+        params.get("optimizer", "adam"), parameter_groups(model, params), params["lr"], **extra
+    )
     sched = make_scheduler(opt, params)
     precision = params.get("precision", "fp32")
+    select_on = params.get("select_on", "loss")
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
     ckpt = Checkpointer(ckpt_dir)
-    st = {
-        "epoch": 0,
-        "batch": 0,
-        "step": 0,
-        "history": [],
-        "state": None,
-        "status": "running",
-        "step_times": [],
-        "loss_sum": 0.0,
-        "loss_count": 0,
-        "train_time": 0.0,
-        "stop_step": None,
-    }
+    st = Progress()
     fp = fingerprint(params, code)
     saved = ckpt.load(log)
     if saved is not None and saved.get("fingerprint") != fp:
@@ -318,8 +258,8 @@ def train(
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
-        st = saved["progress"]
-        log(f"resumed at epoch {st['epoch']}, batch {st['batch']} (step {st['step']})")
+        st = Progress(**saved["progress"])
+        log(f"resumed at epoch {st.epoch}, batch {st.batch} (step {st.step})")
 
     def checkpoint():
         ckpt.save(
@@ -329,7 +269,7 @@ def train(
                 "fingerprint": fp,
                 "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state(),
-                "progress": st,
+                "progress": asdict(st),
             }
         )
 
@@ -343,19 +283,20 @@ def train(
     budget = params.get("time_budget_s", 0)
     every = params.get("checkpoint_every", 0)
     max_batches = params.get("max_batches", 0)
+    valid_statistics = params.get("valid_statistics", "population")
     try:
-        while st["status"] == "running" and st["epoch"] < params["epochs"]:
+        while st.status == "running" and st.epoch < params["epochs"]:
             model.train()
             t_epoch = time.perf_counter()
-            batches = task.batches("train", st["epoch"], params["seed"])[: max_batches or None]
-            for b in range(st["batch"], len(batches)):
+            batches = task.batches("train", st.epoch, params["seed"])[: max_batches or None]
+            for b in range(st.batch, len(batches)):
                 t0 = time.perf_counter()
                 with autocast(device, precision):
-                    loss, state, _, n = task.loss(model, batches[b], st["state"], device)
+                    loss, state, _, n = task.loss(model, batches[b], st.state, device)
                 value = loss.item()
                 if not math.isfinite(value) or value > bound:
-                    st.update(status="diverged", stop_step=st["step"])
-                    log(f"diverged at step {st['step']} (epoch {st['epoch']}): loss {value}")
+                    st.status, st.stop_step = "diverged", st.step
+                    log(f"diverged at step {st.step} (epoch {st.epoch}): loss {value}")
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -363,66 +304,73 @@ def train(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), params["clip"])
                 opt.step()
                 update_preconditioners(model, opt)
-                st["state"] = state
-                st["step"] += 1
-                st["batch"] = b + 1
-                st["loss_sum"] += value * n
-                st["loss_count"] += n
+                st.state = state
+                st.step += 1
+                st.batch = b + 1
+                st.loss_sum += value * n
+                st.loss_count += n
                 dt = time.perf_counter() - t0
-                st["train_time"] += dt
-                if len(st["step_times"]) < 10_000:
-                    st["step_times"].append(dt)
-                if budget and st["train_time"] > budget:
-                    st.update(status="timeout", stop_step=st["step"])
-                    log(f"time budget of {budget} s used up at step {st['step']}")
+                st.train_time += dt
+                st.epoch_train_time += dt
+                if len(st.step_times) < 10_000:
+                    st.step_times.append(dt)
+                if budget and st.train_time > budget:
+                    st.status, st.stop_step = "timeout", st.step
+                    log(f"time budget of {budget} s used up at step {st.step}")
                     break
                 if stop["signal"] is not None:
                     checkpoint()
-                    log(f"signal {stop['signal']}: checkpointed at step {st['step']}, exiting")
+                    log(f"signal {stop['signal']}: checkpointed at step {st.step}, exiting")
                     sys.exit(PREEMPT_EXIT)
-                if every and st["step"] % every == 0:
+                if every and st.step % every == 0:
                     checkpoint()
-            if st["status"] == "diverged":
+            if st.status == "diverged":
                 break
-            if params.get("population_stats", "dataset") == "dataset":
+            if (
+                valid_statistics == "population"
+                and params.get("population_stats", "dataset") == "dataset"
+            ):
                 population_statistics(model, task, params, device, precision)
-            v_loss, v_metric = evaluate(model, task, "valid", device, precision)
-            seen = st["loss_count"]
+            score = evaluate(model, task, "valid", device, precision, statistics=valid_statistics)
+            seen = st.loss_count
             row = {
-                "epoch": st["epoch"] + 1,
-                "step": st["step"],
-                "train_loss": st["loss_sum"] / seen if seen else float("nan"),
-                "valid_loss": v_loss,
-                f"valid_{task.metric}": v_metric,
+                "epoch": st.epoch + 1,
+                "step": st.step,
+                "train_loss": st.loss_sum / seen if seen else float("nan"),
+                "valid_loss": score.loss,
+                f"valid_{task.metric}": score.metric,
+                "valid_error": score.error,
                 "lr": opt.param_groups[0]["lr"],
+                "train_seconds": st.epoch_train_time,
                 "seconds": time.perf_counter() - t_epoch,
             }
-            st["history"].append(row)
+            st.history.append(row)
             log(
                 " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                 )
             )
+            value = getattr(score, select_on)
+            if value < st.best:  # (NaN never is)
+                st.best, st.best_epoch = value, st.epoch + 1
+                st.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                sched.step(v_loss)
+                sched.step(score.loss)
             else:
                 sched.step()
-            st.update(
-                epoch=st["epoch"] + 1,
-                batch=0,
-                loss_sum=0.0,
-                loss_count=0,
-                state=None if task.metric == "accuracy" else st["state"],
-            )
-            if st["status"] == "running":
+            st.epoch, st.batch, st.loss_sum, st.loss_count = st.epoch + 1, 0, 0.0, 0
+            st.epoch_train_time = 0.0
+            if task.metric == "accuracy":
+                st.state = None
+            if st.status == "running":
                 checkpoint()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if st["status"] == "running":
-        st["status"] = "ok"
-    if st["status"] == "timeout" and params.get("population_stats", "dataset") == "dataset":
-        population_statistics(model, task, params, device, precision)
+    if st.status == "running":
+        st.status = "ok"
+    if st.status == "timeout" or (st.status == "ok" and valid_statistics == "batch"):
+        _final_population(model, task, params, device, precision, st)
     info = _write_outputs(
         model, spec, task, params, st, device, model_path, history_path, info_path
     )
@@ -430,11 +378,20 @@ def train(
     return info
 
 
+def _final_population(model, task, params, device, precision, st) -> None:
+    """Population statistics for the test, where validation did not estimate them for the
+    last model (a timeout mid-epoch, or validation with batch statistics); the best model's
+    are estimated for it when it is tested (evaluation.py)."""
+    if params.get("population_stats", "dataset") == "dataset":
+        population_statistics(model, task, params, device, precision)
+
+
 def population_statistics(model, task, params, device, precision) -> int:
-    """Replace the running averages by the mean batch statistics over one epoch of training
-    batches (Cooijmans et al.: population statistics estimated over the training set). Done
-    before every validation: training itself never reads these buffers."""
-    batches = task.batches("train", 0, params["seed"])[: params.get("max_batches", 0) or None]
+    """Replace the running averages by the mean batch statistics over the training data
+    (Cooijmans et al.: population statistics estimated over the training set), at
+    ``population_batch_size``, without augmentation. Training itself never reads these
+    buffers."""
+    batches = task.population_batches(params["seed"])[: params.get("max_batches", 0) or None]
     carried = {"state": None}
 
     def forward(batch):
@@ -456,19 +413,25 @@ def _write_outputs(model, spec, task, params, st, device, model_path, history_pa
     model_path, history_path, info_path = Path(model_path), Path(history_path), Path(info_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_path.with_name(model_path.name + ".tmp")
-    torch.save({"spec": spec, "state_dict": model.state_dict(), "params": params}, tmp)
+    payload = {"spec": spec, "state_dict": model.state_dict(), "params": params}
+    payload.update(best_state_dict=st.best_state, best_epoch=st.best_epoch)
+    torch.save(payload, tmp)
     os.replace(tmp, model_path)
-    columns = ["epoch", "step", "train_loss", "valid_loss", f"valid_{task.metric}", "lr", "seconds"]
-    pd.DataFrame(st["history"], columns=columns).to_csv(history_path, index=False)
-    times = st["step_times"][min(5, len(st["step_times"]) // 2) :]
+    columns = ["epoch", "step", "train_loss", "valid_loss", f"valid_{task.metric}", "valid_error",
+               "lr", "train_seconds", "seconds"]  # fmt: skip
+    pd.DataFrame(st.history, columns=columns).to_csv(history_path, index=False)
+    times = st.step_times[min(5, len(st.step_times) // 2) :]
+    epoch_times = [row["train_seconds"] for row in st.history]
     info = {
-        "status": st["status"],
-        "stop_step": st["stop_step"],
-        "epochs_done": st["epoch"],
-        "steps": st["step"],
+        "status": st.status,
+        "stop_step": st.stop_step,
+        "epochs_done": st.epoch,
+        "steps": st.step,
         "metric": task.metric,
-        "train_seconds": st["train_time"],
+        "train_seconds": st.train_time,
         "seconds_per_step": statistics.median(times) if times else float("nan"),
+        "seconds_per_epoch": statistics.median(epoch_times) if epoch_times else float("nan"),
+        "best_epoch": st.best_epoch,
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
         "threads": torch.get_num_threads(),

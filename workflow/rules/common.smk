@@ -66,6 +66,8 @@ def run_record(wildcards):
         "quant": r.quant,
         "seed": r.seed,
         "dataset": r.dataset,
+        "report_as": r.report_as,
+        "recipe": r.recipe,
         "grid": r.grid,
     }
 
