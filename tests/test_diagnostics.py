@@ -57,7 +57,7 @@ def test_spectral_norms_before_and_after_quantization():
     out = spectral_norms(layer)
     # four stacked orthogonal blocks: W^T W = 4 I, so λ1 = 2 exactly
     assert out["lambda1_hh_fp"] == pytest.approx(2.0, rel=1e-6)
-    # binary blocks: λ1 ≥ sqrt(d) for each 16×16 gate block (SPEC §2)
+    # binary blocks: λ1 ≥ sqrt(d) for each 16×16 gate block (docs/methods.md)
     assert all(v >= math.sqrt(16) - 1e-9 for v in out["lambda1_gates_effective"])
     assert out["lambda1_hh_quantized"] >= math.sqrt(16)
     wn = spectral_norms(LSTMLayer(3, 16, quant="bc", norm="wn"))

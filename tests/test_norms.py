@@ -1,4 +1,4 @@
-"""Normalizations against independent float64 references and torch built-ins (SPEC §1)."""
+"""Normalizations against independent float64 references and torch built-ins (docs/methods.md)."""
 
 import math
 

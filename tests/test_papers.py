@@ -166,7 +166,7 @@ def test_paper_small_runs_end_to_end_with_reported_numbers(tmp_path, server):
 def test_a_wrong_file_placed_by_hand_is_refused(tmp_path, server):
     wf = workflow_copy(tmp_path)
     cfg = paper_small(server, server.sums)
-    cfg["studies"] = [dict(cfg["studies"][0], tasks=["text8"])]
+    cfg["studies"] = [dict(cfg["studies"][0], tasks=["text8"], task_overrides={})]
     write_config(wf, cfg)
     write(wf / "data" / "downloads" / "text8.zip", b"PK not really text8")
     proc = snakemake(wf, "--cores", "1", check=False)

@@ -1,4 +1,4 @@
-"""Quantizers: values, scaling factors and thresholds against the formulas (SPEC §2)."""
+"""Quantizers: values, scaling factors and thresholds against the formulas (docs/methods.md)."""
 
 import math
 

@@ -9,13 +9,13 @@ from normrnn.tables import compare_reported, study_table
 
 REPORTED = pd.DataFrame(
     [
-        ("p", "P et al.", "word", 300, "none", "fp", "perplexity", 91.5),
-        ("p", "P et al.", "word", 650, "none", "fp", "perplexity", 87.6),
-        ("p", "P et al.", "char", 512, "bn", "bc", "bpc", 1.50),
-        ("p", "P et al.", "char", 512, "ln", "bc", "bpc", 1.49),
-        ("q", "Q et al.", "char", 512, "bn", "bc", "bpc", 9.99),
+        ("p", "P et al.", "word", "test", 300, "none", "fp", "perplexity", 91.5),
+        ("p", "P et al.", "word", "test", 650, "none", "fp", "perplexity", 87.6),
+        ("p", "P et al.", "char", "test", 512, "bn", "bc", "bpc", 1.50),
+        ("p", "P et al.", "char", "test", 512, "ln", "bc", "bpc", 1.49),
+        ("q", "Q et al.", "char", "test", 512, "bn", "bc", "bpc", 9.99),
     ],
-    columns=["paper", "source", "task", "hidden_size", "norm", "quant", "metric", "value"],
+    columns=["paper", "source", "task", "split", "hidden_size", "norm", "quant", "metric", "value"],
 )
 
 
@@ -46,7 +46,7 @@ def test_compare_reported():
     word = cmp.loc[("word", "none")]
     assert word["reported H"] == 650 and word["run H"] == 600  # nearest reported size
     assert word["reported"] == 87.6 and word["reproduced"] == "92.000 ± 2.828" and word["n"] == 2
-    assert word["difference"] == pytest.approx(92.0 - 87.6) and word["flag"] == ""
+    assert word["difference"] == pytest.approx(92.0 - 87.6) and word["flag"] == "other size"
     char = cmp.loc[("char", "bn")]
     assert char["reproduced"] == "1.510" and char["n"] == 2  # one of two seeds diverged
     assert char["difference"] == pytest.approx(0.01) and char["flag"] == "outside tolerance"
@@ -105,3 +105,41 @@ def test_grid_axes_become_columns_and_other_columns_do_not(tmp_path):
             paths.append(p)
     t = study_table(collect(paths))
     assert "cell" in t.columns and "lambda1_hh_fp" not in t.columns and len(t) == 2
+
+
+def test_compare_reported_like_with_like():
+    """A validation row compares with the selected model's validation metric, a size row with
+    the model's size, a time row as a ratio to the baseline's (other hardware, no flag); the
+    runs of two tasks that report as one are compared apart."""
+    reported = pd.DataFrame(
+        [
+            ("p", "s", "ptb", "valid (length-100 subsequences)", 8, "ln", "fp", "bpc", 1.40),
+            ("p", "s", "ptb", "", 8, "ln", "fp", "time_s_per_epoch", 530.0),
+            ("p", "s", "ptb", "", 8, "none", "fp", "time_s_per_epoch", 386.0),
+            ("p", "s", "ptb", "", 8, "ln", "fp", "size_kb", 10.0),
+        ],
+        columns=["paper", "source", "task", "split", "hidden_size", "norm", "quant", "metric",
+                 "value"],
+    )  # fmt: skip
+    rows = [("ptb", "ptb", "ln", 1.5, 1.6, 12.0, 20.0), ("ptb", "ptb", "none", 1.6, 1.7, 9.0, 10.0),
+            ("ptb_big", "ptb", "ln", 1.3, 1.35, 12.0, 30.0)]  # fmt: skip
+    runs = pd.DataFrame(
+        [
+            {"task": t, "report_as": r, "norm": n, "quant": "fp", "hidden_size": 8, "seed": 1,
+             "status": "ok", "valid_metric": v, "test_metric": tm, "size_kb": kb,
+             "seconds_per_epoch": sec}
+            for t, r, n, v, tm, kb, sec in rows
+        ]
+    )  # fmt: skip
+    cmp = compare_reported(runs, reported, "p", {"bpc": 0.05, "size_kb": 1.0})
+    ln = cmp[(cmp.norm == "ln") & (cmp.task == "ptb")].set_index("metric")
+    assert ln.loc["bpc", "reproduced"] == "1.500" and "validation" in ln.loc["bpc", "note"]
+    assert ln.loc["bpc", "flag"] == "outside tolerance"  # 1.5 - 1.4 > 0.05
+    assert (
+        ln.loc["size_kb", "reproduced"] == "12.000"
+        and ln.loc["size_kb", "flag"] == "outside tolerance"
+    )
+    time = ln.loc["time_s_per_epoch"]
+    assert time["flag"] == "" and pd.isna(time["difference"])
+    assert "reported 1.37, reproduced 2.00" in time["note"]  # 530/386; 20/10
+    assert set(cmp[cmp.norm == "ln"].task) == {"ptb", "ptb_big"}  # never pooled

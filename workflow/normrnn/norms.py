@@ -1,4 +1,4 @@
-"""Normalizations for recurrent cells (SPEC §1), selectable by name from ``NORMS``.
+"""Normalizations for recurrent cells (docs/methods.md), selectable by name from ``NORMS``.
 
 A norm is a :class:`CellNorm`: a module whose hooks the cell calls at fixed places.
 

@@ -1,4 +1,4 @@
-"""Weight quantizers (Hou et al. 2019, SPEC §2) with a straight-through estimator.
+"""Weight quantizers (Hou et al. 2019; docs/methods.md) with a straight-through estimator.
 
 ``QUANTIZERS[name](w, d=None)`` returns the quantized tensor; its gradient with respect to
 ``w`` is the identity (straight-through). ``d`` is the diagonal preconditioner that the
