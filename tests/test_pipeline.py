@@ -22,11 +22,12 @@ def done(tmp_path_factory):
     return wf
 
 
-def test_dag_has_one_train_and_evaluate_job_per_run(tmp_path):
+def test_dag_has_one_job_per_run(tmp_path):
+    """A run's training and its test are one job (one process, one import of torch)."""
     wf = workflow_copy(tmp_path)
     write_config(wf, load_tiny())
     rules = [r for r, _ in planned_jobs(wf)]
-    assert rules.count("train") == N_RUNS and rules.count("evaluate") == N_RUNS
+    assert rules.count("train") == N_RUNS and "evaluate" not in rules
     assert rules.count("fetch") == 2 and rules.count("prepare") == 2
     assert rules.count("tables") == 4 and rules.count("plots") == 4 and rules.count("summary") == 1
     assert rules.count("figure") == 4  # study delta's grid, lengths, bn_statistics, spectral
@@ -125,8 +126,8 @@ def test_editing_one_study_reruns_only_its_jobs(done):
     cfg["studies"][1]["overrides"] = {"lr": 0.02}  # study beta only
     write_config(done, cfg, "edited.yaml")
     jobs = planned_jobs(done, config="config/edited.yaml")
-    per_run = [(r, w) for r, w in jobs if r in ("train", "evaluate")]
-    assert sorted(r for r, _ in per_run) == ["evaluate"] * 2 + ["train"] * 2
+    per_run = [(r, w) for r, w in jobs if r == "train"]
+    assert len(per_run) == 2
     assert {w["study"] for _, w in per_run} == {"beta"}
     assert {w.get("study") for r, w in jobs if r in ("tables", "plots")} == {"beta"}
     assert "fetch" not in [r for r, _ in jobs]

@@ -289,28 +289,34 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
     return runs
 
 
-# The modules whose code decides a trained model's numbers.
-TRAINING_MODULES = (
-    "cells",
-    "data",
-    "models",
-    "norms",
-    "optim",
-    "quantizers",
-    "registry",
-    "sequence",
-    "tasks",
-    "training",
-)
+# The package's files that decide no run's numbers: they table, plot or time finished runs.
+OUTPUT_MODULES = ("tables", "plots", "bench", "overhead")
+SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
 
 
-def code_version(package_dir: str | Path | None = None, modules=TRAINING_MODULES) -> str:
-    """A hash of the source of :data:`TRAINING_MODULES`: train jobs carry it as a param, so
-    editing the model or training code reruns training (Snakemake's params rerun trigger),
-    while editing tables, plots or docs does not."""
+def run_code_files(package_dir: str | Path | None = None) -> list[Path]:
+    """Every file of the package that decides a run's numbers (training and evaluation): its
+    modules but :data:`OUTPUT_MODULES`, the compiled loops' C++ sources and the recipes; a new
+    module counts by itself."""
     package_dir = Path(package_dir or Path(__file__).parent)
+    files = [p for p in package_dir.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()]
+    skip = {package_dir / f"{m}.py" for m in OUTPUT_MODULES}
+    return sorted(p for p in files if p not in skip and "__pycache__" not in p.parts)
+
+
+def code_version(package_dir: str | Path | None = None, modules=None) -> str:
+    """A hash of the files that decide a run's numbers (:func:`run_code_files`), or of the
+    named ``modules``: train jobs carry it as a param, so editing the model, training or
+    evaluation code (C++ included) reruns the runs and refuses their old checkpoints
+    (Snakemake's params rerun trigger; the checkpoint's fingerprint), while editing tables,
+    plots or docs does not."""
+    package_dir = Path(package_dir or Path(__file__).parent)
+    if modules is None:
+        paths = run_code_files(package_dir)
+    else:
+        paths = sorted(package_dir / f"{m}.py" for m in modules)
     h = hashlib.sha256()
-    for path in sorted(package_dir / f"{m}.py" for m in modules):
-        h.update(path.name.encode())
+    for path in paths:
+        h.update(str(path.relative_to(package_dir)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

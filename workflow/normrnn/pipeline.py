@@ -64,13 +64,16 @@ def _setup(smk):
 
 
 def train_job(smk):
+    """A run: training, then its test, in one process (evaluation.evaluate_run)."""
+    from .evaluation import evaluate_run
     from .training import train
 
     with logged(smk):
         _setup(smk)
+        data_dir = Path(smk.input.meta).parent
         info = train(
             dict(smk.params.hp),
-            Path(smk.input.meta).parent,
+            data_dir,
             smk.output.model,
             smk.output.history,
             smk.output.info,
@@ -80,18 +83,11 @@ def train_job(smk):
             code=smk.params.code,
         )
         print(json.dumps(info))
-
-
-def evaluate_job(smk):
-    from .evaluation import evaluate_run
-
-    with logged(smk):
-        _setup(smk)
         result = evaluate_run(
-            smk.input.model,
-            smk.input.info,
-            Path(smk.input.meta).parent,
-            smk.output[0],
+            smk.output.model,
+            smk.output.info,
+            data_dir,
+            smk.output.evaluation,
             dict(smk.params.run),
             device=smk.params.device,
         )

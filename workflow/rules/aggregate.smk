@@ -32,7 +32,7 @@ rule tables:
         paper=lambda w: STUDY[w.study].get("paper"),
         tolerance=config["tolerance"],
     script:
-        "../scripts/tables.py"
+        "../scripts/job.py"
 
 
 rule plots:
@@ -72,7 +72,7 @@ rule plots:
     params:
         code=PLOTS_CODE,
     script:
-        "../scripts/plots.py"
+        "../scripts/job.py"
 
 
 rule figure:
@@ -95,7 +95,7 @@ rule figure:
         grid=lambda w: list(STUDY[w.study].get("grid") or {}),
         trained_len=lambda w: trained_lengths(w.study),
     script:
-        "../scripts/figure.py"
+        "../scripts/job.py"
 
 
 rule summary:
@@ -113,7 +113,7 @@ rule summary:
     conda:
         "../../envs/report.yaml"
     script:
-        "../scripts/summary.py"
+        "../scripts/job.py"
 
 
 rule bench:
@@ -137,4 +137,4 @@ rule bench:
         spec=lambda w: config["bench"][w.name],
         code=BENCH_CODE,
     script:
-        "../scripts/bench.py"
+        "../scripts/job.py"

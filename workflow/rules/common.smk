@@ -5,6 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from normrnn import config as nc  # noqa: E402
+from normrnn import worker  # noqa: E402
 
 nc.validate(config)
 RUNS = nc.expand(config)
@@ -99,3 +100,30 @@ def all_targets():
         out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
     out += [f"{RESULTS}/bench/{name}.csv" for name in config.get("bench", {})]
     return out
+
+
+def use_worker() -> bool:
+    """Whether a job worker serves this run (normrnn.worker): jobs on this machine, in this
+    environment (not a cluster executor, not conda environments), unless switched off.
+    """
+    from snakemake.settings.types import DeploymentMethod
+
+    methods = workflow.deployment_settings.deployment_method
+    return (
+        config.get("job_worker", True)
+        and workflow.local_exec
+        and DeploymentMethod.CONDA not in methods
+    )
+
+
+onstart:
+    if use_worker():
+        worker.start(Path.cwd(), Path(workflow.basedir) / "workflow" / "normrnn")
+
+
+onsuccess:
+    worker.stop(Path.cwd())
+
+
+onerror:
+    worker.stop(Path.cwd())

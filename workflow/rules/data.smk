@@ -14,7 +14,7 @@ rule fetch:
     params:
         source="{source}",
     script:
-        "../scripts/fetch.py"
+        "../scripts/job.py"
 
 
 rule download:
@@ -31,7 +31,7 @@ rule download:
     params:
         spec=lambda w: config["downloads"][w.file],
     script:
-        "../scripts/download.py"
+        "../scripts/job.py"
 
 
 rule prepare:
@@ -53,4 +53,4 @@ rule prepare:
         spec=lambda w: config["datasets"][w.dataset],
         pins=download_pins,
     script:
-        "../scripts/prepare.py"
+        "../scripts/job.py"

@@ -1,4 +1,5 @@
-# One training job and one evaluation job per (study, task, norm, quant, grid point, seed).
+# One job per (study, task, norm, quant, grid point, seed): training, then the test, in one
+# process (a process and its imports cost more than a toy run's training).
 
 
 rule train:
@@ -8,6 +9,7 @@ rule train:
         model=f"{RESULTS}/runs/{{study}}/{{task}}/{{run}}/model.pt",
         history=f"{RESULTS}/runs/{{study}}/{{task}}/{{run}}/history.csv",
         info=f"{RESULTS}/runs/{{study}}/{{task}}/{{run}}/train.json",
+        evaluation=f"{RESULTS}/runs/{{study}}/{{task}}/{{run}}/eval.json",
     log:
         "logs/train/{study}/{task}/{run}.log",
     benchmark:
@@ -24,28 +26,6 @@ rule train:
         code=CODE_VERSION,
         ckpt=lambda w: f"{RESULTS}/checkpoints/{w.study}/{w.task}/{w.run}",
         device=config["device"],
-    script:
-        "../scripts/train.py"
-
-
-rule evaluate:
-    input:
-        unpack(prepared_data),
-        model=rules.train.output.model,
-        info=rules.train.output.info,
-    output:
-        f"{RESULTS}/runs/{{study}}/{{task}}/{{run}}/eval.json",
-    log:
-        "logs/evaluate/{study}/{task}/{run}.log",
-    conda:
-        "../../envs/train.yaml"
-    threads: 1
-    resources:
-        gpu=config["gpus_per_train_job"],
-        mem_mb=train_resources("mem_mb", 2000),
-        runtime=30,
-    params:
         run=run_record,
-        device=config["device"],
     script:
-        "../scripts/evaluate.py"
+        "../scripts/job.py"
