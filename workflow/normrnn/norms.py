@@ -474,7 +474,7 @@ class BatchNormTerm(TermNorm):
         x = a.view(-1, *a.shape[-2:])
         mean = x.mean(1, keepdim=True)
         xhat = x - mean  # centered, divided in place: the backward needs x̂ and den only
-        stat = self.statistic(xhat)
+        stat = self.batch_statistic(xhat, None, t)
         den = self.denominator(stat)
         self._pending.append((mean, stat, t))
         return xhat.div_(den).view(a.shape), ("batch", xhat.view(a.shape), den.view(rows))
@@ -763,11 +763,10 @@ class GhostLinfBatchNorm(LinfBatchNorm):
     In training the statistic of step t is ``s_t = C(n) (β b_t + (1 - β) m_t)`` with m_t the
     batch's mean of the k largest |x - μ| (k = 10) and b_t the previous batch's s_t at that
     step (a buffer from zeros; only m_t carries a gradient), β = 0.75. The buffer holds s_t,
-    C(n) included, so C(n) applies again at the next batch, as the authors' code does. No
-    compiled step: the layer steps through its hooks.
+    C(n) included, so C(n) applies again at the next batch, as the authors' code does. Its
+    step is L∞'s in torch's ops (no compiled step), the denominator's gradient scaled by
+    1 - β, the fresh statistic's share.
     """
-
-    native = None
 
     def __init__(self, *args, k=10, smoothing=0.75, **kw):
         super().__init__(*args, k=k, **kw)
@@ -776,8 +775,11 @@ class GhostLinfBatchNorm(LinfBatchNorm):
         self.register_buffer("ghost", torch.zeros(slots, self.features))
 
     @property
-    def has_step(self) -> bool:
-        return False
+    def native_kind(self):
+        return None
+
+    def sub_denominator_grad(self, du, coef, xhat):
+        return super().sub_denominator_grad(du, coef * (1 - self.smoothing), xhat)
 
     def batch_statistic(self, centered, w, t0):
         n = centered.shape[1]
@@ -867,12 +869,13 @@ class ActivationNorm(CellNorm):
 class WeightNorm(CellNorm):
     """Weight norm (Salimans & Kingma 2016) per output row of W_x and W_h: g_j v_j / ||v_j||.
 
-    ``gain_init``: the gains start at the row norms of the initial quantized weights, so the
-    initial cell equals the unnormalized one (``quantized``), or at those of the
-    full-precision weights (``full_precision``, Hou et al.: binary rows then start at the
-    scale of the real-valued ones, not at sqrt(fan-in)). ``eps``: None divides by the norm
-    (an all-zero row stays zero), a number divides by norm + eps (Hou et al.: 1e-8).
-    ``fixed_scale`` freezes the gains; ``bounded`` (Hoffer et al.'s bounded weight norm)
+    ``gain_init``: the gains start at the row norms of the initial full-precision weights
+    (``full_precision``, Hou et al.; the default: binary rows start at the scale of the
+    real-valued ones, not at sqrt(fan-in), the exploding regime of an unnormalized binary
+    cell), or at those of the quantized weights (``quantized``: the initial cell equals the
+    unnormalized one). With full-precision weights the two are the same. ``eps``: None divides
+    by the norm (an all-zero row stays zero), a number divides by norm + eps (Hou et al.:
+    1e-8). ``fixed_scale`` freezes the gains; ``bounded`` (Hoffer et al.'s bounded weight norm)
     trains them but rescales each matrix's gain vector to its initial norm in every forward.
     """
 
@@ -883,7 +886,7 @@ class WeightNorm(CellNorm):
         max_steps=1,
         fixed_scale=False,
         bounded=False,
-        gain_init="quantized",
+        gain_init="full_precision",
         eps=None,
     ):
         super().__init__(hidden_size, gates, max_steps)
