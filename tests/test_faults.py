@@ -154,3 +154,35 @@ def test_damaged_model_file_is_named(tmp_path, uninterrupted):
     path.write_bytes((uninterrupted / "model.pt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model\.pt: cannot load the trained model"):
         load_model(path)
+
+
+def test_gradient_norm_is_the_total_l2_norm_clipped_after():
+    from normrnn.training import gradient_norm
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # bias: no grad
+    assert gradient_norm(model) == pytest.approx(5.0)
+    assert gradient_norm(model, clip=1.0) == pytest.approx(5.0)  # the norm before clipping
+    assert model.weight.grad.norm().item() == pytest.approx(1.0)
+
+
+def test_infinite_gradient_is_a_diverged_result_with_finite_weights(
+    tmp_path, digits_dir, monkeypatch
+):
+    """A finite loss with a non-finite gradient (an overflow in the backward) stops the run
+    before the optimizer step, so the kept weights stay finite."""
+    import normrnn.training as training
+
+    real, calls = training.gradient_norm, []
+
+    def overflowing(model, clip=None):
+        calls.append(1)
+        if len(calls) == 4:  # the fourth step's backward overflows
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        return real(model, clip)
+
+    monkeypatch.setattr(training, "gradient_norm", overflowing)
+    info = run_train(tmp_path, digits_dir, {**PARAMS, "quant": "fp"})
+    assert info["status"] == "diverged" and info["stop_step"] == 3
+    state = torch.load(tmp_path / "model.pt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -300,8 +300,11 @@ def train(
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if params.get("clip"):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), params["clip"])
+                norm = gradient_norm(model, params.get("clip"))
+                if not math.isfinite(norm):  # (before the step: the weights stay finite)
+                    st.status, st.stop_step = "diverged", st.step
+                    log(f"diverged at step {st.step} (epoch {st.epoch}): gradient norm {norm}")
+                    break
                 opt.step()
                 update_preconditioners(model, opt)
                 st.state = state
@@ -376,6 +379,15 @@ def train(
     )
     ckpt.clear()
     return info
+
+
+def gradient_norm(model, clip=None) -> float:
+    """The total L2 norm of the gradients, clipped to ``clip`` (where set and > 0) after it
+    is taken (torch's clip_grad_norm_)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
 
 
 def _final_population(model, task, params, device, precision, st) -> None:
