@@ -32,9 +32,7 @@ def rules():
 
 def test_every_rule_names_an_existing_env():
     found = list(rules())
-    assert {"fetch", "prepare", "train", "tables", "plots", "summary"} <= {
-        n for _, n, _ in found
-    }
+    assert {"fetch", "prepare", "train", "tables", "plots", "summary"} <= {n for _, n, _ in found}
     for path, name, body in found:
         m = re.search(r"conda:\s*\n\s*\"([^\"]+)\"", body)
         assert m, f"rule {name} in {path.name} names no conda env"

@@ -31,6 +31,20 @@ def test_dag_has_one_job_per_run(tmp_path):
     assert rules.count("fetch") == 2 and rules.count("prepare") == 2
     assert rules.count("tables") == 4 and rules.count("plots") == 4 and rules.count("summary") == 1
     assert rules.count("figure") == 4  # study delta's grid, lengths, bn_statistics, spectral
+    assert rules.count("claims") == 1
+
+
+def test_claims_are_checked_against_the_summary(done):
+    claims = pd.read_csv(done / "results" / "claims.csv")
+    assert list(claims["study"]) == ["beta"] * 3
+    assert list(claims["verdict"]) == ["holds", "fails", "holds (untested)"]
+    beta = pd.read_csv(done / "results" / "summary.csv").query("study == 'beta'")
+    mean = beta["test_metric"].mean()
+    assert (
+        f"ln+fp {mean:.3f}" in claims["evidence"][0]
+        and f"by {1.01 - mean:.3f}" in claims["evidence"][1]
+    )
+    assert (done / "results" / "claims.png").stat().st_size > 10_000
 
 
 def test_summary_has_one_row_per_run_with_finite_metrics(done):
@@ -112,6 +126,7 @@ def test_tables_and_report_show_every_variant(done):
         "spectral.png",
         "table.html",
         "summary.csv",
+        "claims.png",
     ):
         assert name in html
 

@@ -74,6 +74,7 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
     if not runs:
         raise ConfigError("'studies' expands to zero runs")
     _check_figures(config, runs)
+    _check_claims(config)
     for run in runs.values():
         missing = [k for k in REQUIRED_HPARAMS if k not in run.hparams]
         if missing:
@@ -242,6 +243,33 @@ def _check_figures(config: dict, runs: dict) -> None:
                         f"{where}: 'lengths' needs 'eval_seq_lens' in every run of the study "
                         "(set it in the study's overrides)"
                     )
+
+
+def _check_claims(config: dict) -> None:
+    """A claim selects runs by the study's own axes and values; a typo would select none."""
+    for i, study in enumerate(config["studies"]):
+        axes = {"task": study["tasks"], "norm": study["norms"], "quant": study["quants"]}
+        axes |= {"seed": study["seeds"]} | (study.get("grid") or {})
+        for j, claim in enumerate(study.get("claims", [])):
+            where = f"studies[{i}].claims[{j}]"
+            selectors = [(k, claim[k]) for k in ("better", "than", "each") if k in claim]
+            selectors += [(f"same[{n}]", s) for n, s in enumerate(claim.get("same", []))]
+            for name, selector in selectors:
+                for key, want in selector.items():
+                    if key not in axes:
+                        raise ConfigError(
+                            f"{where}.{name}.{key}: not an axis of the study "
+                            f"(one of {', '.join(axes)})"
+                        )
+                    for value in want if isinstance(want, list) else [want]:
+                        if value not in axes[key]:
+                            raise ConfigError(
+                                f"{where}.{name}.{key}: {value!r} is not among the study's "
+                                f"{key} values {axes[key]}"
+                            )
+            for key in claim.get("per", []):
+                if key not in (study.get("grid") or {}):
+                    raise ConfigError(f"{where}.per: {key!r} is not a grid axis of the study")
 
 
 def run_id(norm: str, quant: str, seed: int, grid: dict) -> str:

@@ -158,6 +158,25 @@ def summary_job(smk):
         print(f"{len(df)} runs, {int((df['status'] != 'ok').sum())} not ok", file=sys.stdout)
 
 
+def claims_job(smk):
+    """The studies' claims against summary.csv (normrnn.claims): a table with verdicts."""
+    import pandas as pd
+
+    from . import plots
+    from .claims import check, groups
+
+    with logged(smk):
+        claims, runs = dict(smk.params.claims), pd.read_csv(smk.input[0])
+        table = check(claims, runs)
+        plots.claims(table, groups(claims, runs), smk.output.png)
+        table.to_csv(smk.output.csv, index=False)
+        Path(smk.output.md).write_text(
+            "# Claims, checked against the runs\n\n" + table.to_markdown(index=False) + "\n"
+        )
+        Path(smk.output.html).write_text(table.to_html(index=False, border=1, classes="claims"))
+        print(table.to_string())
+
+
 def bench_job(smk):
     import pandas as pd
 
@@ -165,7 +184,7 @@ def bench_job(smk):
 
     with logged(smk):
         spec = dict(smk.params.spec)
-        argv = [f"--threads={smk.threads}"]
+        argv = [f"--threads={spec.get('threads', 1)}"]  # (the job holds every core: alone)
         for key in ("hidden", "batch", "steps", "input", "device", "dtype", "warmup", "repeats"):
             if key in spec:
                 argv.append(f"--{key}={spec[key]}")

@@ -26,7 +26,8 @@ def _placeholder(path, what: str, why: str = "every run of this study diverged")
 
 def learning_curves(histories: pd.DataFrame, path) -> None:
     """Validation metric per epoch; one panel per task, colour = norm, dashes = quantizer."""
-    metric_cols = [c for c in histories.columns if c.startswith("valid_") and c != "valid_loss"]
+    skip = ("valid_loss", "valid_error")
+    metric_cols = [c for c in histories.columns if c.startswith("valid_") and c not in skip]
     long = histories.melt(
         id_vars=["task", "norm", "quant", "seed", "epoch"],
         value_vars=metric_cols,
@@ -192,7 +193,7 @@ def grid_metric(runs: pd.DataFrame, axes: list[str], path) -> None:
         col_order=_ordered(runs[col]) if col else None,
         kind="point",
         errorbar="sd",
-        dodge=0.3,
+        dodge=0.3 if ok["variant"].nunique() > 1 else False,
         sharey="row",
         height=3.0,
         aspect=1.2,
@@ -306,3 +307,44 @@ def spectral_norms(runs: pd.DataFrame, path) -> None:
         ax.tick_params(axis="x", rotation=45)
     g.set_axis_labels("norm", "λ1 of W_h")
     _save(g, path)
+
+
+VERDICT_COLOURS = {"holds": "tab:green", "fails": "tab:red", "not significant": "tab:orange",
+                   "holds (untested)": "olivedrab", "fails (untested)": "indianred"}  # fmt: skip
+
+
+def claims(table: pd.DataFrame, groups: list[pd.DataFrame], path) -> None:
+    """The studies' claims at a glance: a panel per claim with every seed's test metric (dots)
+    and the mean ± standard deviation of each side (bars), the bound as a line; the title
+    gives the study, the claim and its verdict (green holds, red fails, orange neither; paler
+    where untested).
+    ``groups[i]`` holds claim i's runs with a ``side`` column (the group each belongs to)."""
+    import textwrap
+
+    if table.empty:
+        return _placeholder(path, "claims", "no study states a claim")
+    cols = min(3, len(table))
+    rows = -(-len(table) // cols)
+    fig, axes = matplotlib.pyplot.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows),
+                                           squeeze=False)  # fmt: skip
+    for ax, (_, claim), runs in zip(axes.flat, table.iterrows(), groups, strict=False):
+        ok = runs[runs["status"] != "diverged"] if not runs.empty else runs
+        if not ok.empty:
+            order = list(dict.fromkeys(ok["side"]))
+            sns.stripplot(data=ok, x="side", y="test_metric", order=order, ax=ax, color="0.3",
+                          size=4, jitter=0.15)  # fmt: skip
+            sns.pointplot(data=ok, x="side", y="test_metric", order=order, ax=ax, errorbar="sd",
+                          color="tab:blue", linestyle="none", capsize=0.2, marker="_")  # fmt: skip
+            ax.tick_params(axis="x", labelrotation=45 if len(order) > 3 else 0, labelsize=8)
+            ax.set_ylabel(f"test {ok['metric'].iloc[0]}")
+        if "bound" in runs.attrs:
+            ax.axhline(runs.attrs["bound"], color="tab:red", linestyle="--", linewidth=1)
+        ax.set_xlabel("")
+        title = textwrap.fill(f"{claim['study']}: {claim['claim']}", 48)
+        ax.set_title(f"{title}\n{claim['verdict']}", fontsize=8,
+                     color=VERDICT_COLOURS.get(claim["verdict"], "0.4"))  # fmt: skip
+    for ax in list(axes.flat)[len(table) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    matplotlib.pyplot.close(fig)

@@ -34,7 +34,7 @@ from pathlib import Path
 SOCKET = Path(".snakemake") / "normrnn-worker.sock"
 # The jobs the worker runs; the others (downloads, and the benchmark, which times in a
 # process of its own) always run in their script's process.
-FORKED = ("train", "prepare", "tables", "plots", "figure", "summary")
+FORKED = ("train", "prepare", "tables", "plots", "figure", "summary", "claims")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

@@ -99,6 +99,8 @@ def all_targets():
         out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
         out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
     out += [f"{RESULTS}/bench/{name}.csv" for name in config.get("bench", {})]
+    if any(STUDY[s].get("claims") for s in STUDIES):
+        out.append(f"{RESULTS}/claims.md")
     return out
 
 
