@@ -60,7 +60,13 @@ def test_spectral_norms_before_and_after_quantization():
     # binary blocks: λ1 ≥ sqrt(d) for each 16×16 gate block (docs/methods.md)
     assert all(v >= math.sqrt(16) - 1e-9 for v in out["lambda1_gates_effective"])
     assert out["lambda1_hh_quantized"] >= math.sqrt(16)
-    wn = spectral_norms(LSTMLayer(3, 16, quant="bc", norm="wn"))
-    # weight norm with gains at the initial row norms changes nothing at initialisation
+    opts = {"gain_init": "quantized"}
+    wn = spectral_norms(LSTMLayer(3, 16, quant="bc", norm="wn", norm_opts=opts))
+    # weight norm with gains at the initial quantized row norms changes nothing at init
     assert wn["lambda1_hh_effective"] == pytest.approx(wn["lambda1_hh_quantized"], rel=1e-6)
     assert wn["gain_hh_mean"] == pytest.approx(4.0)  # rows of ±1 with 16 entries
+    # by default the gains are the full-precision rows' norms (1: orthogonal blocks), so the
+    # binary matrix is scaled by 1/4 to the full-precision rows' scale
+    fp = spectral_norms(LSTMLayer(3, 16, quant="bc", norm="wn"))
+    assert fp["gain_hh_mean"] == pytest.approx(1.0)
+    assert fp["lambda1_hh_effective"] == pytest.approx(fp["lambda1_hh_quantized"] / 4, rel=1e-6)

@@ -224,6 +224,13 @@ def test_weight_norm_equals_torch_weight_norm():
         tw.weight_hh[0] = 1e-3
     w_hh = tw.effective_weights()[1]
     assert torch.isfinite(w_hh).all() and w_hh[0].abs().sum() == 0
+    # its gradient is a unit-norm row's: the gain times the upstream gradient, not 1e12 times
+    upstream = torch.randn_like(w_hh)
+    (w_hh * upstream).sum().backward()
+    g0 = tw.norm.g_hh[0].item()
+    torch.testing.assert_close(tw.weight_hh.grad[0], g0 * upstream[0])
+    nonzero = tw.weight_hh.grad[1:].abs().max()
+    assert nonzero < 10 * tw.norm.g_hh.abs().max() * upstream.abs().max()
     fixed = LSTMLayer(3, 5, norm="wn", norm_opts={"fixed_scale": True})
     assert not fixed.norm.g_ih.requires_grad
 

@@ -927,9 +927,14 @@ class WeightNorm(CellNorm):
 
 def unit_rows(w: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Rows scaled to unit L2 norm; an all-zero row (ternary weights can give one) stays
-    zero. With ``eps``, rows divided by their norm + eps instead."""
+    zero, and its gradient is a unit-norm row's (divided by 1: a norm clamped at a tiny floor
+    multiplied it by the floor's inverse, 1e12, and clipping then zeroed every other
+    gradient). With ``eps``, rows divided by their norm + eps instead (Hou et al.'s code: a
+    zero row's gradient is then 1/eps times its upstream one)."""
     norm = w.norm(dim=1, keepdim=True)
-    return w / (norm.clamp_min(1e-12) if eps is None else norm + eps)
+    if eps is not None:
+        return w / (norm + eps)
+    return w / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def tanh_variance(gamma: float) -> float:
