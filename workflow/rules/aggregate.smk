@@ -129,7 +129,7 @@ rule bench:
         "logs/bench/{name}.log",
     conda:
         "../../envs/report.yaml"
-    threads: workflow.cores  # alone on the machine: no job beside it moves its timings
+    threads: bench_threads
     resources:
         mem_mb=lambda w: config["bench"][w.name].get("mem_mb", 4000),
         runtime=lambda w: config["bench"][w.name].get("runtime_min", 60),

@@ -80,6 +80,16 @@ def train_resources(key, default):
     return get
 
 
+def bench_threads(wildcards):
+    """Every core where the jobs run on this machine: the bench runs alone, so no job beside
+    it moves its timings. Elsewhere (a cluster, or no cores given, as for --report) its
+    spec's ``threads`` (default 1)."""
+    cores = workflow.resource_settings.cores
+    if workflow.local_exec and cores:
+        return cores
+    return config["bench"][wildcards.name].get("threads", 1)
+
+
 def study_runs(study, name):
     return [f"{RESULTS}/runs/{s}/{t}/{r}/{name}" for (s, t, r) in RUNS if s == study]
 
