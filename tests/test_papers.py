@@ -37,6 +37,7 @@ def paper_small(server, sums) -> dict:
     cfg.pop("bench")  # timing the papers' sizes is hours of CPU, not a test
     for study in cfg["studies"]:
         study.update(norms=study["norms"][:2], quants=study["quants"][:2], seeds=[1])
+        study["claims"] = [c for c in study.get("claims", []) if within(study, c)]
         study["overrides"] = {**small, **study.get("overrides", {})}  # over the recipe's
         study["task_overrides"] = {
             t: {"seq_len": 20, "emb_size": 8} if t.startswith("ptb_word") else {"seq_len": 20}
@@ -45,6 +46,18 @@ def paper_small(server, sums) -> dict:
         }
     cfg["defaults"]["checkpoint_every"] = 0
     return cfg
+
+
+def within(study, claim):
+    """Whether a claim selects only runs the narrowed study still has."""
+    axes = {"task": study["tasks"], "norm": study["norms"], "quant": study["quants"]}
+    sides = [claim.get(k, {}) for k in ("better", "than", "each")] + claim.get("same", [])
+    return all(
+        v in axes.get(key, [v])
+        for side in sides
+        for key, want in side.items()
+        for v in (want if isinstance(want, list) else [want])
+    )
 
 
 def test_default_config_lists_the_full_matrix(tmp_path):
@@ -166,7 +179,7 @@ def test_paper_small_runs_end_to_end_with_reported_numbers(tmp_path, server):
 def test_a_wrong_file_placed_by_hand_is_refused(tmp_path, server):
     wf = workflow_copy(tmp_path)
     cfg = paper_small(server, server.sums)
-    cfg["studies"] = [dict(cfg["studies"][0], tasks=["text8"], task_overrides={})]
+    cfg["studies"] = [dict(cfg["studies"][0], tasks=["text8"], task_overrides={}, claims=[])]
     write_config(wf, cfg)
     write(wf / "data" / "downloads" / "text8.zip", b"PK not really text8")
     proc = snakemake(wf, "--cores", "1", check=False)
