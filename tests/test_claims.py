@@ -135,3 +135,40 @@ def test_a_claim_selecting_outside_its_study_is_a_config_error(claim, key):
         {"says": "ok", "same": [{"seed": 1}, {"seed": [2]}], "within": 1}
     ]
     validate(cfg)
+
+
+def test_at_least_as_good_allows_a_worse_mean_within_its_tolerance():
+    df = runs(
+        variant("bn", "fp", [0.79, 0.785, 0.78])
+        + variant("none", "fp", [0.80, 0.805, 0.81])
+        + variant("ln", "fp", [0.60, 0.61, 0.62])
+    )
+    claim = {"better": {"norm": "bn"}, "than": {"norm": "none"}}
+    got = verdicts(
+        [
+            {"says": "bn ≥ none", **claim, "within": 0.03},
+            {"says": "bn > none", **claim},
+            {
+                "says": "ln ≥ none",
+                "better": {"norm": "ln"},
+                "than": {"norm": "none"},
+                "within": 0.03,
+            },
+        ],
+        df,
+    )
+    assert got["bn ≥ none"][0] == "holds" and "-0.020" in got["bn ≥ none"][1]
+    assert "0.03 worse allowed" in got["bn ≥ none"][1]
+    assert got["bn > none"][0] == "fails"  # -0.020 beyond the spread of 0.005, p < 0.05
+    assert got["ln ≥ none"][0] == "fails"
+
+
+def test_a_claim_reads_the_column_it_names():
+    df = runs(variant("bn", "fp", [0.5, 0.5, 0.5]) + variant("none", "fp", [0.5, 0.5, 0.5]))
+    df["valid_metric_mean"] = [0.60, 0.62, 0.61, 0.40, 0.42, 0.41]
+    claim = {"better": {"norm": "bn"}, "than": {"norm": "none"}}
+    got = verdicts(
+        [{"says": "test", **claim}, {"says": "curve", **claim, "on": "valid_metric_mean"}], df
+    )
+    assert got["test"][0] == "not significant"
+    assert got["curve"][0] == "holds" and got["curve"][1].startswith("valid_metric_mean: bn 0.610")

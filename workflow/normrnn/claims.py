@@ -4,22 +4,26 @@ A study lists its claims (``claims:`` in the config); each is one of
 
 * a comparison: ``better`` (a selector of runs) beats ``than`` (another) on the study's test
   metric, in the metric's direction (accuracy up, BPC and perplexity down), by more than
-  ``margin`` (default 0) and more than the seeds' spread;
+  ``margin`` (default 0) and more than the seeds' spread; with ``within``, ``better`` is
+  claimed at least as good as ``than``: worse by at most ``within``;
 * a bound: every variant matching ``each`` reaches ``reaches`` (at least, for accuracy; at
   most, for BPC and perplexity) on its mean over seeds;
 * a match: the two selectors of ``same`` come within ``within`` of each other (RMSNorm
   matches LN, L1 BN matches L2 BN).
 
-A selector is a dict of run columns (``norm``, ``quant``, ``task``, grid axes) to a value or a
-list of values. A comparison's verdict: ``holds`` (the difference goes the claimed way beyond
-margin and spread, and Welch's test gives p < 0.05 where both sides have 3 seeds or more),
-``fails`` (it goes the other way beyond the spread, significantly where testable), ``not
-significant`` (neither), ``not run``; with fewer than 3 seeds a side no test is made and the
-verdict says so: ``holds (untested)``, ``fails (untested)``. A bound holds when every
-variant's mean reaches it (a diverged seed counts as missing it), and fails naming the
-variants that miss and by how much. A match holds where the means differ by at most
-``within``, fails where they differ by more, significantly where testable (``(untested)`` as
-above). Each verdict comes with the numbers it rests on.
+A claim reads the test metric of the selected model, or the column ``on`` names
+(``valid_metric_mean``, the mean validation metric over the epochs, says how fast a run
+converged). A selector is a dict of run columns (``norm``, ``quant``, ``task``, grid axes)
+to a value or a list of values. A comparison's verdict: ``holds`` (the difference goes the
+claimed way beyond margin and spread, and Welch's test gives p < 0.05 where both sides have
+3 seeds or more), ``fails`` (it goes the other way beyond the spread, significantly where
+testable), ``not significant`` (neither), ``not run``; with fewer than 3 seeds a side no test
+is made and the verdict says so: ``holds (untested)``, ``fails (untested)``. A bound holds
+when every variant's mean reaches it (a diverged seed counts as missing it), and fails
+naming the variants that miss and by how much. A match holds where the means differ by at
+most ``within``, fails where they differ by more, significantly where testable
+(``(untested)`` as above); so does an at-least-as-good comparison, on the worse side only.
+Each verdict comes with the numbers it rests on.
 """
 
 from __future__ import annotations
@@ -43,8 +47,14 @@ def select(runs: pd.DataFrame, selector: dict) -> pd.DataFrame:
     return runs[mask]
 
 
-def _values(runs: pd.DataFrame) -> pd.Series:
-    return runs.loc[runs["status"] != "diverged", "test_metric"].dropna()
+def _values(runs: pd.DataFrame, on: str = "test_metric") -> pd.Series:
+    return runs.loc[runs["status"] != "diverged", on].dropna()
+
+
+def _on(claim: dict) -> tuple[str, str]:
+    """The column a claim reads, and how the evidence names it."""
+    on = claim.get("on", "test_metric")
+    return on, ("" if on == "test_metric" else f"{on}: ")
 
 
 def _describe(name: str, values: pd.Series, n: int) -> str:
@@ -69,8 +79,9 @@ def compare(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
         return "not run", "no runs of " + (
             _name(claim["better"]) if better.empty else _name(claim["than"])
         )
-    a, b = _values(better), _values(than)
-    evidence = " vs ".join(
+    on, label = _on(claim)
+    a, b = _values(better, on), _values(than, on)
+    evidence = label + " vs ".join(
         _describe(_name(claim[side]), values, len(group))
         for side, values, group in (("better", a, better), ("than", b, than))
     )
@@ -83,8 +94,14 @@ def compare(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
     testable = len(a) >= 3 and len(b) >= 3
     p = welch_p(a, b) if testable else float("nan")
     evidence += f": {diff:+.3f} in the claimed direction (spread {spread:.3f}"
+    if "within" in claim:  # at least as good: no worse than ``within``
+        evidence += f", {claim['within']} worse allowed"
     evidence += f", Welch p = {p:.2g})" if testable else ", untested: fewer than 3 seeds)"
     significant = p < 0.05 if testable else True
+    if "within" in claim:
+        if diff >= -claim["within"]:
+            return _untested("holds", testable), evidence
+        return (_untested("fails", testable) if significant else "not significant"), evidence
     if diff > margin and diff > spread and significant:
         return _untested("holds", testable), evidence
     if diff < -spread and significant:
@@ -97,9 +114,11 @@ def match(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
     first, second = (select(runs, s) for s in claim["same"])
     if first.empty or second.empty:
         return "not run", "no runs of " + _name(claim["same"][0 if first.empty else 1])
-    a, b = _values(first), _values(second)
+    on, label = _on(claim)
+    a, b = _values(first, on), _values(second, on)
     names = [_name(s) for s in claim["same"]]
-    evidence = f"{_describe(names[0], a, len(first))} vs {_describe(names[1], b, len(second))}"
+    evidence = label + f"{_describe(names[0], a, len(first))} vs "
+    evidence += _describe(names[1], b, len(second))
     if a.empty or b.empty:
         return "fails", evidence
     diff = abs(a.mean() - b.mean())
@@ -122,8 +141,9 @@ def bound(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
     keys = [k for k in VARIANT if k in mine] + [k for k in claim.get("per", []) if k in mine]
     higher = HIGHER_IS_BETTER.get(mine["metric"].iloc[0], True)
     target, missed, seen = claim["reaches"], [], []
+    on, label = _on(claim)
     for key, group in mine.groupby(keys, sort=False, dropna=False):
-        values = _values(group)
+        values = _values(group, on)
         name = "+".join(str(k) for k in (key if isinstance(key, tuple) else (key,))[1:])
         mean = values.mean() if len(values) == len(group) else float("nan")
         seen.append(f"{name} {mean:.3f}" if mean == mean else f"{name} diverged")
@@ -132,7 +152,7 @@ def bound(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
                 f"{name} by {abs(mean - target):.3f}" if mean == mean else f"{name} (diverged)"
             )
     verb = "at least" if higher else "at most"
-    evidence = f"every mean {verb} {target}: " + ", ".join(seen)
+    evidence = f"{label}every mean {verb} {target}: " + ", ".join(seen)
     if missed:
         return "fails", evidence + "; short: " + ", ".join(missed)
     return "holds", evidence

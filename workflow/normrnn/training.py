@@ -434,6 +434,7 @@ def _write_outputs(model, spec, task, params, st, device, model_path, history_pa
     pd.DataFrame(st.history, columns=columns).to_csv(history_path, index=False)
     times = st.step_times[min(5, len(st.step_times) // 2) :]
     epoch_times = [row["train_seconds"] for row in st.history]
+    curve = [row[f"valid_{task.metric}"] for row in st.history]
     info = {
         "status": st.status,
         "stop_step": st.stop_step,
@@ -444,6 +445,8 @@ def _write_outputs(model, spec, task, params, st, device, model_path, history_pa
         "seconds_per_step": statistics.median(times) if times else float("nan"),
         "seconds_per_epoch": statistics.median(epoch_times) if epoch_times else float("nan"),
         "best_epoch": st.best_epoch,
+        # the learning curve's mean height: how fast the run converged, not only where
+        "valid_metric_mean": statistics.fmean(curve) if curve else float("nan"),
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
         "threads": torch.get_num_threads(),
