@@ -168,7 +168,7 @@ def test_a_claim_reads_the_column_it_names():
     df["valid_metric_mean"] = [0.60, 0.62, 0.61, 0.40, 0.42, 0.41]
     claim = {"better": {"norm": "bn"}, "than": {"norm": "none"}}
     got = verdicts(
-        [{"says": "test", **claim}, {"says": "curve", **claim, "on": "valid_metric_mean"}], df
+        [{"says": "test", **claim}, {"says": "curve", **claim, "column": "valid_metric_mean"}], df
     )
     assert got["test"][0] == "not significant"
     assert got["curve"][0] == "holds" and got["curve"][1].startswith("valid_metric_mean: bn 0.610")

@@ -11,7 +11,7 @@ A study lists its claims (``claims:`` in the config); each is one of
 * a match: the two selectors of ``same`` come within ``within`` of each other (RMSNorm
   matches LN, L1 BN matches L2 BN).
 
-A claim reads the test metric of the selected model, or the column ``on`` names
+A claim reads the test metric of the selected model, or the run column ``column`` names
 (``valid_metric_mean``, the mean validation metric over the epochs, says how fast a run
 converged). A selector is a dict of run columns (``norm``, ``quant``, ``task``, grid axes)
 to a value or a list of values. A comparison's verdict: ``holds`` (the difference goes the
@@ -53,7 +53,7 @@ def _values(runs: pd.DataFrame, on: str = "test_metric") -> pd.Series:
 
 def _on(claim: dict) -> tuple[str, str]:
     """The column a claim reads, and how the evidence names it."""
-    on = claim.get("on", "test_metric")
+    on = claim.get("column", "test_metric")
     return on, ("" if on == "test_metric" else f"{on}: ")
 
 

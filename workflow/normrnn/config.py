@@ -317,8 +317,8 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
     return runs
 
 
-# The package's files that decide no run's numbers: they table, plot or time finished runs.
-OUTPUT_MODULES = ("tables", "plots", "bench", "overhead")
+# The package's files that decide no run's numbers: they table, plot, judge or time finished runs.
+OUTPUT_MODULES = ("tables", "plots", "claims", "bench", "overhead")
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
 
 
