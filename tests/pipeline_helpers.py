@@ -54,3 +54,51 @@ def planned_jobs(wf: Path, config="config/test.yaml") -> list[tuple[str, dict]]:
         wildcards = dict(kv.split("=", 1) for kv in wc.group(1).split(", ")) if wc else {}
         jobs.append((m.group(1), wildcards))
     return jobs
+
+
+# Config edits that validation refuses: (what, edit of the tiny config, the key its message names)
+BAD_CONFIGS = [
+    ("negative learning rate", lambda c: c["tasks"]["digits"].update(lr=-0.1), "tasks.digits.lr"),
+    ("unknown norm", lambda c: c["studies"][0]["norms"].append("groupnorm"), "studies[0].norms[2]"),
+    (
+        "unknown quantizer",
+        lambda c: c["studies"][1]["quants"].append("int8"),
+        "studies[1].quants[1]",
+    ),
+    ("missing key", lambda c: c["tasks"]["chars"].pop("hidden_size"), "tasks.chars"),
+    ("zero seeds", lambda c: c["studies"][0].update(seeds=[]), "studies[0].seeds"),
+    ("unknown task", lambda c: c["studies"][1].update(tasks=["mnist"]), "studies[1].tasks[0]"),
+    ("wrong type", lambda c: c["tasks"]["digits"].update(epochs="ten"), "tasks.digits.epochs"),
+    (
+        "negative size",
+        lambda c: c["tasks"]["digits"].update(hidden_size=-8),
+        "tasks.digits.hidden_size",
+    ),
+    (
+        "unknown source",
+        lambda c: c["datasets"]["pydoc"].update(source="http"),
+        "datasets.pydoc.source",
+    ),
+    ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
+    ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
+    (
+        "unknown figure",
+        lambda c: c["studies"][0].update(figures=["heatmap"]),
+        "studies[0].figures[0]",
+    ),
+    (
+        "grid figure without a grid",
+        lambda c: c["studies"][1].update(figures=["grid"]),
+        "studies[1].figures",
+    ),
+    (
+        "lengths figure without eval_seq_lens",
+        lambda c: c["studies"][0].update(figures=["lengths"]),
+        "studies[0].figures",
+    ),
+    (
+        "variable lengths on a classifier",
+        lambda c: c["tasks"]["digits"].update(train_lengths="variable"),
+        "train_lengths",
+    ),
+]

@@ -2,11 +2,20 @@
 
 import copy
 import math
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipeline_helpers import load_tiny, planned_jobs, snakemake, workflow_copy, write_config
+from pipeline_helpers import (
+    BAD_CONFIGS,
+    load_tiny,
+    planned_jobs,
+    snakemake,
+    workflow_copy,
+    write_config,
+)
 
 pytestmark = pytest.mark.pipeline
 N_ALPHA, N_BETA, N_GAMMA, N_DELTA = 2 * 2 * 2, 2, 1, 2 * 2  # tasks × norms × quants × seeds
@@ -148,54 +157,48 @@ def test_editing_one_study_reruns_only_its_jobs(done):
     assert "fetch" not in [r for r, _ in jobs]
 
 
-BAD = [
-    ("negative learning rate", lambda c: c["tasks"]["digits"].update(lr=-0.1), "tasks.digits.lr"),
-    ("unknown norm", lambda c: c["studies"][0]["norms"].append("groupnorm"), "studies[0].norms[2]"),
-    (
-        "unknown quantizer",
-        lambda c: c["studies"][1]["quants"].append("int8"),
-        "studies[1].quants[1]",
-    ),
-    ("missing key", lambda c: c["tasks"]["chars"].pop("hidden_size"), "tasks.chars"),
-    ("zero seeds", lambda c: c["studies"][0].update(seeds=[]), "studies[0].seeds"),
-    ("unknown task", lambda c: c["studies"][1].update(tasks=["mnist"]), "studies[1].tasks[0]"),
-    ("wrong type", lambda c: c["tasks"]["digits"].update(epochs="ten"), "tasks.digits.epochs"),
-    (
-        "negative size",
-        lambda c: c["tasks"]["digits"].update(hidden_size=-8),
-        "tasks.digits.hidden_size",
-    ),
-    (
-        "unknown source",
-        lambda c: c["datasets"]["pydoc"].update(source="http"),
-        "datasets.pydoc.source",
-    ),
-    ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
-    ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
-    (
-        "unknown figure",
-        lambda c: c["studies"][0].update(figures=["heatmap"]),
-        "studies[0].figures[0]",
-    ),
-    (
-        "grid figure without a grid",
-        lambda c: c["studies"][1].update(figures=["grid"]),
-        "studies[1].figures",
-    ),
-    (
-        "lengths figure without eval_seq_lens",
-        lambda c: c["studies"][0].update(figures=["lengths"]),
-        "studies[0].figures",
-    ),
-    (
-        "variable lengths on a classifier",
-        lambda c: c["tasks"]["digits"].update(train_lengths="variable"),
-        "train_lengths",
-    ),
+def test_a_changed_byte_of_the_compiled_loop_reruns_every_training(done, tmp_path):
+    """The C++ recurrence decides numbers: one changed byte of it (in a copy) schedules every
+    train job again, and a rerun job refuses the checkpoint its run left under the old code
+    (as a run killed before the change leaves one)."""
+    import torch
+    import yaml
+
+    from normrnn import config as nc
+    from normrnn.training import Checkpointer, fingerprint
+
+    wf = tmp_path / "wf"
+    shutil.copytree(done, wf, symlinks=True)
+    package = wf / "workflow" / "normrnn"
+    old_code = nc.code_version(package)
+    with open(package / "csrc" / "recurrence.cpp", "a") as f:
+        f.write("\n")
+    assert nc.code_version(package) != old_code
+    trains = [w for r, w in planned_jobs(wf) if r == "train"]
+    assert len(trains) == N_RUNS
+    run = trains[0]
+    key = (run["study"], run["task"], run["run"])
+    cfg = yaml.safe_load((wf / "config" / "test.yaml").read_text())
+    nc.validate(cfg)
+    params = nc.expand(cfg)[key].params()
+    ckpt = wf / "results" / "checkpoints" / Path(*key)
+    Checkpointer(ckpt).save({"fingerprint": fingerprint(params, old_code)})
+    target = f"results/runs/{'/'.join(key)}/train.json"
+    # (the Python steps: the changed source would otherwise compile a new library first)
+    snakemake(wf, "--cores", "1", target, prefix=("env", "NORMRNN_NATIVE=0"))
+    log = (wf / "logs" / "train" / Path(*key[:2]) / f"{key[2]}.log").read_text()
+    assert "from other settings or code; starting afresh" in log
+    assert not (ckpt / "last.pt").exists()  # the finished run cleared it
+    assert torch.load(wf / target.replace("train.json", "model.pt"), weights_only=False)
+
+
+# every case is checked on validate() itself (test_config.py); three kinds through snakemake
+THROUGH_SNAKEMAKE = [
+    b for b in BAD_CONFIGS if b[0] in ("unknown norm", "wrong type", "duplicate study")
 ]
 
 
-@pytest.mark.parametrize("what,edit,key", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("what,edit,key", THROUGH_SNAKEMAKE, ids=[b[0] for b in THROUGH_SNAKEMAKE])
 def test_invalid_config_is_refused_before_any_job(tmp_path, what, edit, key):
     wf = workflow_copy(tmp_path)
     cfg = copy.deepcopy(load_tiny())

@@ -332,17 +332,16 @@ def run_code_files(package_dir: str | Path | None = None) -> list[Path]:
     return sorted(p for p in files if p not in skip and "__pycache__" not in p.parts)
 
 
-def code_version(package_dir: str | Path | None = None, modules=None) -> str:
-    """A hash of the files that decide a run's numbers (:func:`run_code_files`), or of the
-    named ``modules``: train jobs carry it as a param, so editing the model, training or
-    evaluation code (C++ included) reruns the runs and refuses their old checkpoints
-    (Snakemake's params rerun trigger; the checkpoint's fingerprint), while editing tables,
-    plots or docs does not."""
+def code_version(package_dir: str | Path | None = None, modules=(), run_code=True) -> str:
+    """A hash of the files that decide a run's numbers (:func:`run_code_files`, unless
+    ``run_code`` is false) and of the named ``modules``: train jobs carry it as a param, so
+    editing the model, training or evaluation code (C++ included) reruns the runs and refuses
+    their old checkpoints (Snakemake's params rerun trigger; the checkpoint's fingerprint),
+    while editing tables, plots or docs does not. The bench's adds its own module to the run
+    code (it times the same cells); tables' and plots' hash their modules only."""
     package_dir = Path(package_dir or Path(__file__).parent)
-    if modules is None:
-        paths = run_code_files(package_dir)
-    else:
-        paths = sorted(package_dir / f"{m}.py" for m in modules)
+    paths = run_code_files(package_dir) if run_code else []
+    paths = sorted({*paths, *(package_dir / f"{m}.py" for m in modules)})
     h = hashlib.sha256()
     for path in paths:
         h.update(str(path.relative_to(package_dir)).encode())

@@ -12,9 +12,9 @@ RUNS = nc.expand(config)
 STUDIES = [s["name"] for s in config["studies"]]
 STUDY = {s["name"]: s for s in config["studies"]}
 CODE_VERSION = nc.code_version()
-TABLES_CODE = nc.code_version(modules=("tables", "pipeline"))
-PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"))
-BENCH_CODE = nc.code_version(modules=("bench", "cells", "norms", "quantizers", "plots"))
+TABLES_CODE = nc.code_version(modules=("tables", "pipeline"), run_code=False)
+PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"), run_code=False)
+BENCH_CODE = nc.code_version(modules=("bench", "plots"))  # the run code: the cells it times
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 PREPARED = ["train.pt", "valid.pt", "test.pt", "meta.json"]

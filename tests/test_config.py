@@ -1,0 +1,55 @@
+"""Config validation called directly (every refusal names its key), and the code versions that
+decide what reruns."""
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+
+from normrnn import config as nc
+from pipeline_helpers import BAD_CONFIGS, load_tiny
+
+
+def test_the_tiny_config_is_valid_and_gets_the_schema_defaults():
+    cfg = load_tiny()
+    assert "threads_per_train_job" not in cfg
+    nc.validate(cfg)
+    assert cfg["threads_per_train_job"] == 1  # filled from the schema
+    assert len(nc.expand(cfg)) > 0
+
+
+@pytest.mark.parametrize("what,edit,key", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_invalid_config_names_the_key(what, edit, key):
+    cfg = copy.deepcopy(load_tiny())
+    edit(cfg)
+    with pytest.raises(nc.ConfigError) as err:
+        nc.validate(cfg)
+    assert key in str(err.value), str(err.value)
+
+
+def test_code_versions_follow_the_files_that_decide_their_outputs(tmp_path):
+    """A byte of the compiled loop changes the runs' and the bench's code version, not the
+    tables'; a byte of the tables' module changes only theirs."""
+    package = tmp_path / "normrnn"
+    shutil.copytree(Path(nc.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def versions():
+        return (
+            nc.code_version(package),
+            nc.code_version(package, modules=("bench", "plots")),
+            nc.code_version(package, modules=("tables", "pipeline"), run_code=False),
+        )
+
+    before = versions()
+    with open(package / "csrc" / "recurrence.cpp", "a") as f:
+        f.write("\n")
+    after_cpp = versions()
+    assert after_cpp[0] != before[0] and after_cpp[1] != before[1] and after_cpp[2] == before[2]
+    with open(package / "tables.py", "a") as f:
+        f.write("\n")
+    after_tables = versions()
+    assert after_tables[:2] == after_cpp[:2] and after_tables[2] != after_cpp[2]
+    with open(package / "bench.py", "a") as f:
+        f.write("\n")
+    assert versions()[0] == after_tables[0] and versions()[1] != after_tables[1]
