@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from registry_lists import batch_norms
 from torch.func import functional_call
 
 from normrnn import (
@@ -197,7 +198,7 @@ def test_pooled_statistics_of_other_estimators_on_the_sequence_path(cell, norm):
     assert_same(got, ref)
 
 
-BATCH_NORMS = ["bn", "bn_shared", "bn_pooled", "l1bn", "linfbn"]
+BATCH_NORMS = batch_norms()
 
 
 @pytest.mark.parametrize("cell", SEQUENCE_CELLS)

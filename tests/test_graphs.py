@@ -45,7 +45,7 @@ class ReplayByRerun:
 
 def capture_by_running(body, tensors, terms):
     inputs = tuple(None if t is None else t.detach().clone() for t in tensors)
-    recording = [term for term in terms if hasattr(term, "_pending")]
+    recording = [term for term in terms if term.keeps_statistics]
     before = [len(term._pending) for term in recording]
     outputs = body(*inputs)
     records = [(t, t._pending[n:]) for t, n in zip(recording, before, strict=True)]

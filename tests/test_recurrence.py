@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_lists import loop_cases
 from test_cells import assert_same, run_path
 from torch.func import functional_call
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 # The norms whose steps the loop takes, in training and eval (every term has a form there).
 SEQUENCE_CELLS = [c for c in sorted(CELLS) if CELLS[c].has_sequence]
-LOOP_NORMS = ["bn", "bn_shared", "bn_pooled", "l1bn", "linfbn", "ln", "rms", "prms", "normprop"]
+LOOP_CASES = loop_cases()
 
 
 @pytest.fixture
@@ -43,8 +44,7 @@ def python_steps(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("quant", ["fp", "twn", "bc"])
-@pytest.mark.parametrize("norm", LOOP_NORMS)
-@pytest.mark.parametrize("cell", SEQUENCE_CELLS)
+@pytest.mark.parametrize("cell,norm", LOOP_CASES)
 def test_the_loop_equals_the_python_steps(cell, norm, quant, calls, monkeypatch):
     """Outputs, final state, every gradient and the population statistics, to 1e-5."""
     got = run_path(cell, norm, quant, "sequence")
@@ -76,14 +76,13 @@ def run_once(layer, x, state, loop: bool) -> list:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    cell=st.sampled_from(SEQUENCE_CELLS),
-    norm=st.sampled_from(LOOP_NORMS),
+    case=st.sampled_from(LOOP_CASES),
     steps=st.integers(1, 5),
     batch=st.integers(3, 7),
     hidden=st.integers(3, 11),
     scale=st.sampled_from([0.1, 1.0, 30.0]),
 )
-def test_the_loop_at_any_size_and_scale(cell, norm, steps, batch, hidden, scale):
+def test_the_loop_at_any_size_and_scale(case, steps, batch, hidden, scale):
     """Odd sizes (the vector loops' tails) and large pre-activations (exp's clamps, saturated
     gates): the loop in float32 is as close to the float64 numbers as the Python steps in
     float32 are (4 times their error, plus 1e-5 of the scale), one draw of layer and inputs.
@@ -91,6 +90,7 @@ def test_the_loop_at_any_size_and_scale(cell, norm, steps, batch, hidden, scale)
     gives ±1, whose gradient is 0 plus float32 noise in either path. At the large scale only
     the outputs: a saturated gate's derivative σ(1 - σ) keeps few digits in float32 either
     way, and which of them is luck."""
+    cell, norm = case
     torch.manual_seed(steps * 100 + batch * 10 + hidden)
     opts = {"p": 0.67} if norm == "prms" else None
     layer = CELLS[cell](3, hidden, norm=norm, max_steps=steps, norm_opts=opts)
@@ -107,8 +107,7 @@ def test_the_loop_at_any_size_and_scale(cell, norm, steps, batch, hidden, scale)
         assert (g - e).abs().max() <= bound
 
 
-@pytest.mark.parametrize("norm", LOOP_NORMS + ["none"])
-@pytest.mark.parametrize("cell", SEQUENCE_CELLS)
+@pytest.mark.parametrize("cell,norm", LOOP_CASES + [(cell, "none") for cell in SEQUENCE_CELLS])
 def test_the_loop_in_float64_against_finite_differences(cell, norm, calls):
     layer = CELLS[cell](2, 3, norm=norm, max_steps=3, norm_opts=None).double()
     layer.path = "sequence"

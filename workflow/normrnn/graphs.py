@@ -100,7 +100,7 @@ def run(
 def capture(body: Callable, tensors: Sequence, terms: Sequence) -> Captured:
     """Captures ``body`` on static copies of ``tensors`` and runs it once."""
     inputs = tuple(None if t is None else t.detach().clone() for t in tensors)
-    recording = [term for term in terms if hasattr(term, "_pending")]
+    recording = [term for term in terms if term.keeps_statistics]
     before = [len(term._pending) for term in recording]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -25,8 +25,10 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,11 +36,23 @@ from typing import NamedTuple
 
 import torch
 
+from .norms.base import KERNELS
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "batchnorm_step.cpp", CSRC / "recurrence.cpp")  # with CSRC's headers
 # -fno-trapping-math: the loops' clamps (exp's range) vectorize; no code here reads FP traps
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-trapping-math")
-KINDS = {"l2": 0, "l1": 1, "linf": 2}  # the source's scale estimators
+
+
+def _enum(path: Path, name: str) -> dict[str, int]:
+    """The values of the C++ ``enum name { kA = 0, ... }`` in ``path``: the one source of the
+    kind numbers the loops and kernels read."""
+    body = re.search(rf"enum {name} {{([^}}]*)}}", path.read_text()).group(1)
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
+
+
+_ESTIMATORS = _enum(CSRC / "batchnorm.h", "Kind")
+KINDS = {"l2": _ESTIMATORS["kL2"], "l1": _ESTIMATORS["kL1"], "linf": _ESTIMATORS["kLinf"]}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _CALLS: dict = {}  # (library, dtype): its forward and backward, set up by library()
 _LOOPS: dict = {}  # (library, dtype, cell): the recurrence's forward and backward
@@ -126,6 +140,11 @@ def _default_cache() -> Path:
 LIMIT = {"l2": 1 << 19}
 
 
+def applies_rows(g: torch.Tensor) -> bool:
+    """The row norms have no compiled step here (the compiled loop has them): torch's ops."""
+    return False
+
+
 def applies(a: torch.Tensor, kind: str) -> bool:
     """Whether the compiled step of ``kind`` takes ``a``: a contiguous float32/float64 CPU
     tensor within ``LIMIT``, and the library is there."""
@@ -171,7 +190,13 @@ def step_backward(kind: str, gx: torch.Tensor, xhat: torch.Tensor, den, c: float
 # The sequence path's LSTM and GRU recurrences as one call each way (csrc/recurrence.cpp),
 # their matrix products through the BLAS that torch links, called by address (the Fortran
 # gemm).
-TERM_KINDS = {**KINDS, "ln": 3, "rms": 4, "population": 5}  # the loop's terms, or none (-1)
+_TERMS = _enum(CSRC / "recurrence.cpp", "TermKind")
+TERM_KINDS = {
+    **KINDS,
+    "ln": _TERMS["kLayer"],
+    "rms": _TERMS["kRms"],
+    "population": _TERMS["kPopulation"],
+}
 _GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
 
 
@@ -285,7 +310,10 @@ class LoopTerm(NamedTuple):
 
 def _term(term: LoopTerm | None) -> _Term:
     if term is None:
-        return _Term(kind=-1)
+        return _Term(kind=_TERMS["kNone"])
     kind, groups, k, eps, c = term.spec
     pointers = (None if t is None else t.data_ptr() for t in term[1:])
     return _Term(TERM_KINDS[kind], groups, k, eps, c, *pointers)
+
+
+KERNELS["cpu"] = sys.modules[__name__]  # the terms' compiled steps on the CPU

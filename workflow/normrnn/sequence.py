@@ -29,36 +29,15 @@ false) normalizes the block as one step of T·B rows. Tests hold this path to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import nn
 
-from . import graphs, native
+from . import graphs, native, triton_steps  # noqa: F401 (the GPU steps register on import)
+from .norms.base import Recurrence
 
 # Elements of the input term per call of its step (see _parts): 16 steps at B=64, H=100.
 STACK = 16 * 64 * 400
-
-
-@dataclass(frozen=True)
-class Recurrence:
-    """What a step does besides the plain cell: ``input`` normalizes ``W_x x_t``,
-    ``hidden`` normalizes ``W_h h_{t-1}`` and ``cell`` normalizes ``c_t`` (term modules,
-    None = identity; ``input`` in stacks of steps, or as one step of all T·B rows where its
-    ``stepwise`` is false); the cell input is ``candidate_scale · tanh(g)``, the cell
-    ``c_t = carry_scale · σ(f) c_{t-1} + σ(i) · cell input`` and the output
-    ``h_t = σ(o) · output_scale · tanh(cell_scale · c_t)`` (normalization propagation's
-    rescaling; the compiled loop runs ``carry_scale`` 1 only)."""
-
-    input: nn.Module | None = None
-    hidden: nn.Module | None = None
-    cell: nn.Module | None = None
-    candidate_scale: float = 1.0
-    cell_scale: float = 1.0
-    output_scale: float = 1.0
-    carry_scale: float = 1.0
-    t0: int = 0  # the first step's index (a batch norm's statistics slot)
 
 
 def lstm_sequence(rec: Recurrence, x, w_hh, h0, c0, bias=None, w_ih=None):
@@ -454,13 +433,21 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
 
 
 def _loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | None:
-    """The hidden and (with ``cell``: the LSTM) cell terms' forms in the compiled loop
-    (``TermNorm.loop``; None for an absent term), or None where the loop does not run: not
-    on ``x``'s device or dtype (``native.loop_applies``), or a term without a form there."""
-    if x.shape[0] == 0 or (cell and rec.carry_scale != 1.0) or not native.loop_applies(x):
+    """The terms' forms in the compiled loop (:func:`loop_form`), or None where the loop does
+    not run: not on ``x``'s device or dtype (``native.loop_applies``), or no form."""
+    if x.shape[0] == 0 or not native.loop_applies(x):
+        return None
+    return loop_form(rec, x.shape[1], cell)
+
+
+def loop_form(rec: Recurrence, batch: int, cell: bool = True) -> tuple | None:
+    """The hidden and (with ``cell``: the LSTM) cell terms' forms in the compiled loop at
+    ``batch`` (``TermNorm.loop``; None for an absent term), or None where a term has none
+    (or the LSTM's carry is scaled)."""
+    if cell and rec.carry_scale != 1.0:
         return None
     terms = (rec.hidden, rec.cell if cell else None)
-    specs = tuple(None if t is None else t.loop(x.shape[1]) for t in terms)
+    specs = tuple(None if t is None else t.loop(batch) for t in terms)
     if any(t is not None and s is None for t, s in zip(terms, specs, strict=True)):
         return None
     return specs
@@ -474,15 +461,15 @@ def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features, t0=0)
     if spec is None:
         return None
     xhat = ws(f"{name}_xhat", steps, batch, features)
-    if spec[0] == "population":
+    if spec.kind == "population":
         mean, den = term.population(steps, t0)
         stat = None
-    elif spec[0] in native.KINDS:
+    elif spec.kind in native.KINDS:
         mean, stat = weight.new_empty(2, steps, features).unbind(0)
         den = ws(f"{name}_den", steps, features)
     else:
-        rows = batch * spec[1]
-        mean = ws(f"{name}_rows_mean", steps, rows) if spec[0] == "ln" else None
+        rows = batch * spec.groups
+        mean = ws(f"{name}_rows_mean", steps, rows) if spec.kind == "ln" else None
         stat, den = None, ws(f"{name}_rows_den", steps, rows)
     bias = None if bias is None else bias.contiguous()
     return native.LoopTerm(spec, weight.contiguous(), bias, xhat, mean, stat, den)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 import torch
 
 from .native import KINDS  # the estimators, numbered as in the compiled CPU loops
+from .norms.base import KERNELS
 
 try:
     import triton
@@ -286,3 +288,6 @@ if triton is not None:
         dot = tl.sum(gv * xv, axis=0) / k
         y = gv * r - tl.where(cols < k, xv * (dot * r), 0.0)
         tl.store(dx + row * n + cols, y.to(dx.dtype.element_ty), mask=cols < n)
+
+
+KERNELS["cuda"] = sys.modules[__name__]  # the terms' compiled steps on a GPU
