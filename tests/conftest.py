@@ -1,3 +1,7 @@
+"""The tests by kind: unit/ (methods, paths, pipeline pieces), conformance/ (against the
+authors' code), workflow/ (snakemake end to end), cluster/ (a real SLURM), gpu/ (CUDA only).
+Helpers beside this file."""
+
 import sys
 from pathlib import Path
 
@@ -6,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
+sys.path.insert(0, str(ROOT / "tests"))  # the helpers, for the tests in its folders
 torch.set_num_threads(1)
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
 from .diagnostics import batch_norm_statistics, hidden_gradient_norms, spectral_norms
 from .models import build_model, model_bits, recurrent_layers, recurrent_size_kb
+from .scoring import autocast, evaluate, population_statistics, resolve_device
 from .tasks import make_task
-from .training import autocast, evaluate, load_model, population_statistics, resolve_device
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ One step of L1 or L∞ batch norm in torch's ops is 7 ops forward and 9 (L1) to 
 backward, each a pass over the step and a few µs of dispatch; at a recurrent step's size
 (64 × 400) those, not the arithmetic, set the speed. A compiled step is one call each way,
 four or five passes over the step. Its math is that of ``norms.BatchNormTerm`` and its
-subclasses (per-step batch statistics, x̂ = (x - mean) / den); ``tests/test_native.py``
+subclasses (per-step batch statistics, x̂ = (x - mean) / den); ``tests/unit/test_native.py``
 holds it to their definitions and to autograd.
 
 The library is built on first use with the C++ compiler (``$CXX``, else ``c++``), a few

@@ -20,8 +20,6 @@ written like any other run's.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
@@ -35,22 +33,14 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import Checkpointer, fingerprint
 from .models import build_model
-from .norms import activation_term, estimate_population_statistics, frozen_statistics
+from .norms import activation_term
 from .optim import make_optimizer, make_scheduler, parameter_groups, update_preconditioners
+from .scoring import autocast, evaluate, population_statistics, resolve_device
 from .tasks import make_task
 
 PREEMPT_EXIT = 143
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def norm_options(params) -> dict:
@@ -98,99 +88,7 @@ def model_spec(task, params) -> dict:
     return spec
 
 
-def autocast(device, precision):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-@dataclass
-class Score:
-    loss: float
-    metric: float
-    error: float  # the fraction of examples (classification) or symbols predicted wrongly
-
-
-@torch.no_grad()
-def evaluate(model, task, split, device, precision="fp32", max_batches=0, statistics="population"):
-    """The loss, metric and error rate of ``split``, in eval mode (the batch norms'
-    population statistics), or with ``statistics="batch"`` with each batch's own statistics
-    as in training, leaving the population statistics as they are."""
-    if statistics == "batch":
-        model.train()
-        context = frozen_statistics(model)
-    else:
-        model.eval()
-        context = contextlib.nullcontext()
-    total, correct, count, state = 0.0, 0, 0, None
-    with context:
-        for batch in task.batches(split)[: max_batches or None]:
-            with autocast(device, precision):
-                loss, state, c, n = task.loss(model, batch, state, device)
-            total += loss.item() * n
-            correct += c
-            count += n
-    loss, metric = task.score(total, correct, count)
-    return Score(loss, metric, 1 - correct / count)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-class Checkpointer:
-    """``last.pt`` and ``prev.pt`` in a directory; writes are atomic."""
-
-    def __init__(self, directory):
-        self.dir = Path(directory)
-
-    def save(self, payload: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        last, prev, tmp = self.dir / "last.pt", self.dir / "prev.pt", self.dir / "last.pt.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if last.exists():
-            os.replace(last, prev)
-        os.replace(tmp, last)
-
-    def clear(self) -> None:
-        """Remove the checkpoints once the run's outputs are written."""
-        for name in ("last.pt", "prev.pt", "last.pt.tmp"):
-            (self.dir / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()
-
-    def load(self, log=print) -> dict | None:
-        for path in (self.dir / "last.pt", self.dir / "prev.pt"):
-            if not path.exists():
-                continue
-            try:
-                return torch.load(path, weights_only=False)
-            except Exception as e:  # a truncated or garbled file: fall back to the previous
-                log(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying prev.pt")
-        return None
-
-
-def load_model(path, which: str = "last") -> tuple[torch.nn.Module, dict]:
-    """Load a trained model written by :func:`train`: the last one, or ``which="best"`` the
-    best-validation one (the last one where the run kept none)."""
-    try:
-        saved = torch.load(path, weights_only=False, map_location="cpu")
-        model = build_model(**saved["spec"])
-        state = saved.get("best_state_dict") if which == "best" else None
-        model.load_state_dict(state or saved["state_dict"])
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot load the trained model ({type(e).__name__}: {e})"
-        ) from e
-    return model, saved
-
-
 # ----------------------------------------------------------------------------- training
-def fingerprint(params: dict, code: str = "") -> str:
-    """Identifies a run's settings: a checkpoint is only resumed by the same run."""
-    blob = json.dumps(params, sort_keys=True, default=str) + code
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 @dataclass
 class Progress:
     """Where a run is: saved in every checkpoint (as a dict) and restored from it."""
@@ -398,21 +296,6 @@ def _final_population(model, task, params, device, precision, st) -> None:
         population_statistics(model, task, params, device, precision)
 
 
-def population_statistics(model, task, params, device, precision) -> int:
-    """Replace the running averages by the mean batch statistics over the training data
-    (Cooijmans et al.: population statistics estimated over the training set), at
-    ``population_batch_size``, without augmentation. Training itself never reads these
-    buffers."""
-    batches = task.population_batches(params["seed"])[: params.get("max_batches", 0) or None]
-    carried = {"state": None}
-
-    def forward(batch):
-        with autocast(device, precision):
-            _, carried["state"], _, _ = task.loss(model, batch, carried["state"], device)
-
-    return estimate_population_statistics(model, batches, forward)
-
-
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -455,11 +338,4 @@ def _write_outputs(model, spec, task, params, st, device, model_path, history_pa
     return info
 
 
-__all__ = [
-    "train",
-    "evaluate",
-    "load_model",
-    "make_task",
-    "Checkpointer",
-    "resolve_device",
-]
+__all__ = ["PREEMPT_EXIT", "Progress", "gradient_norm", "model_spec", "norm_options", "train"]

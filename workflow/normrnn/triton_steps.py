@@ -6,7 +6,7 @@ times per sequence, took longer than the recurrent matrix products. Here a step 
 each way: a program takes a block of columns (features) of one step and sweeps its batch
 rows. The math, including the corrected mean and the sharing of ties, is that of the compiled
 CPU loops (``csrc/batchnorm_step.cpp``), with the same functions as ``native.py``
-(``norms.compiled_steps`` picks this module for CUDA tensors); ``tests/test_native.py`` holds
+(``norms.compiled_steps`` picks this module for CUDA tensors); ``tests/unit/test_native.py`` holds
 both to the estimators' float64 definitions and to autograd.
 
 RMSNorm and pRMSNorm (``norms.rms_step``) are a row kernel each way likewise, a program per

@@ -4,8 +4,8 @@ the CPU's reference, cell by cell and for a short training run."""
 import pandas as pd
 import pytest
 import torch
-from test_cells import FAST, MODES, default_path, run_path
-from test_faults import PARAMS, run_train
+from path_helpers import FAST, MODES, close, default_path, run_path
+from train_helpers import PARAMS, run_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -15,12 +15,6 @@ def _no_tf32(monkeypatch):
     """fp32 means fp32: cuDNN would otherwise multiply in TF32 (10-bit mantissa)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-def close(got, expected, label, scale=1.0):
-    """To 1e-5 of the tensor's scale (times ``scale``), as the CPU's path tests."""
-    atol = 1e-5 * scale * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(got, expected, atol=atol, rtol=1e-5, msg=lambda m: f"{label}: {m}")
 
 
 @pytest.mark.parametrize(

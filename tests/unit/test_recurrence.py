@@ -1,5 +1,5 @@
 """The compiled LSTM and GRU recurrences (``csrc/recurrence.cpp`` through ``native.loop``):
-held to the sequence path's steps in torch's ops, which tests/test_cells.py holds to the
+held to the sequence path's steps in torch's ops, which tests/unit/test_cells.py holds to the
 plain step loop, to float64 and to finite differences; where they run and where they step
 aside."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from path_helpers import assert_same, run_path
 from registry_lists import loop_cases
-from test_cells import assert_same, run_path
 from torch.func import functional_call
 
 from normrnn import CELLS, native

@@ -11,22 +11,10 @@ import time
 import pandas as pd
 import pytest
 import torch
+from train_helpers import PARAMS, run_train
 
 from conftest import ROOT
-from normrnn.training import Checkpointer, CheckpointError, load_model, train
-
-PARAMS = {
-    "model": "classifier", "hidden_size": 16, "batch_size": 32, "epochs": 3, "lr": 0.01,
-    "norm": "bn", "quant": "lab", "seed": 3, "max_batches": 12, "checkpoint_every": 5,
-    "clip": 1.0, "optimizer": "adam",
-}  # fmt: skip
-
-
-def run_train(out, data_dir, params=PARAMS, device="cpu", **kw):
-    return train(
-        params, data_dir, out / "model.pt", out / "history.csv", out / "train.json", out / "ckpt",
-        device=device, log=lambda m: None, **kw,
-    )  # fmt: skip
+from normrnn.checkpoint import Checkpointer, CheckpointError, load_model
 
 
 def child(out, data_dir, params):

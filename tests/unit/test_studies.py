@@ -121,7 +121,7 @@ def test_variable_length_batches():
 
 def test_language_model_loss_counts_only_real_targets(chars_dir):
     from normrnn.models import build_model
-    from normrnn.training import make_task
+    from normrnn.tasks import make_task
 
     params = {"batch_size": 4, "seq_len": 12, "train_lengths": "variable", "seed": 1}
     task = make_task(chars_dir, params)
@@ -143,7 +143,7 @@ def test_length_metrics_of_a_uniform_model_are_log2_vocab(chars_dir):
     log2(V) at every test length, beyond T_max too."""
     from normrnn.evaluation import length_metrics
     from normrnn.models import build_model
-    from normrnn.training import make_task
+    from normrnn.tasks import make_task
 
     params = {"batch_size": 4, "seq_len": 10, "eval_seq_lens": [5, 10, 40]}
     task = make_task(chars_dir, params)

@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-from test_cells import FAST, default_path
-from test_cuda import close
+from path_helpers import FAST, close, default_path
 
 from normrnn import CELLS, graphs
 from normrnn.sequence import POOL

@@ -165,7 +165,7 @@ def test_a_changed_byte_of_the_compiled_loop_reruns_every_training(done, tmp_pat
     import yaml
 
     from normrnn import config as nc
-    from normrnn.training import Checkpointer, fingerprint
+    from normrnn.checkpoint import Checkpointer, fingerprint
 
     wf = tmp_path / "wf"
     shutil.copytree(done, wf, symlinks=True)

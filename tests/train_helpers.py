@@ -1,0 +1,16 @@
+"""A short training run on sequential digits, as the fault and GPU tests start it."""
+
+from normrnn.training import train
+
+PARAMS = {
+    "model": "classifier", "hidden_size": 16, "batch_size": 32, "epochs": 3, "lr": 0.01,
+    "norm": "bn", "quant": "lab", "seed": 3, "max_batches": 12, "checkpoint_every": 5,
+    "clip": 1.0, "optimizer": "adam",
+}  # fmt: skip
+
+
+def run_train(out, data_dir, params=PARAMS, device="cpu", **kw):
+    return train(
+        params, data_dir, out / "model.pt", out / "history.csv", out / "train.json", out / "ckpt",
+        device=device, log=lambda m: None, **kw,
+    )  # fmt: skip
