@@ -14,7 +14,8 @@ STUDY = {s["name"]: s for s in config["studies"]}
 CODE_VERSION = nc.code_version()
 TABLES_CODE = nc.code_version(modules=("tables", "pipeline"), run_code=False)
 PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"), run_code=False)
-BENCH_CODE = nc.code_version(modules=("bench", "plots"))  # the run code: the cells it times
+# the bench times the run code's cells: its version covers them, with its own module
+BENCH_CODE = nc.code_version(modules=("bench", "plots"))
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 PREPARED = ["train.pt", "valid.pt", "test.pt", "meta.json"]
