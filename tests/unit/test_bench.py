@@ -55,19 +55,22 @@ def test_cli_writes_every_variant(tmp_path, capsys, monkeypatch):
         "peak_mem_mb",
         "threads",
         "allocator",
-        "bn_steps",
+        "path",
         "recurrence",
+        "step_kernels",
     }
     assert keys <= set(rows[0]) and kept == [True]
     assert {r["allocator"] for r in rows} == {memory.describe()}
     compiled = native.library() is not None
-    assert {r["bn_steps"] for r in rows} == {"compiled" if compiled else "torch"}
     looped = compiled and native.gemm(torch.float32) is not None
-    assert {r["recurrence"] for r in rows} == {"compiled" if looped else "python"}
+    bn = [r for r in rows if r["norm"] == "bn"]  # the rows come from each layer's route
+    assert {r["path"] for r in bn} == {"sequence"} and {r["path"] for r in rows} >= {"fused"}
+    assert {r["step_kernels"] for r in bn} == {"compiled" if compiled else "torch"}
+    assert {r["recurrence"] for r in bn} == {"compiled" if looped else "python"}
+    assert {r["recurrence"] for r in rows if r["norm"] == "none"} == {""}
     assert all(r["train_ratio"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
     text = capsys.readouterr().out
-    assert "sgemm roof" in text and "allocator" in text and "batch-norm steps" in text
-    assert "recurrence" in text
+    assert "sgemm roof" in text and "allocator" in text and "compiled steps" in text
 
 
 def test_glibc_defaults_leave_the_allocator_alone(monkeypatch):

@@ -443,3 +443,34 @@ def test_low_precision_arithmetic_runs_every_norm(cell, norm):
     layer.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(layer(x)[0].float()).all()
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_the_route_recorded_is_the_one_taken(cell, norm, monkeypatch):
+    """``paths.choose`` decides a call's computation and the layer records it: the fused
+    kernel ran iff the route says fused, the compiled loop iff it says compiled; a mask (on
+    the sequence path), autocast and recorded states take the loop and say why."""
+    ran = []
+    loop = native.loop
+    monkeypatch.setattr(native, "loop", lambda *a, **k: ran.append("loop") or loop(*a, **k))
+    layer = CELLS[cell](3, 8, norm=norm, max_steps=4)
+    fused = layer.fused if hasattr(layer, "fused") else None
+    if fused is not None:
+        monkeypatch.setattr(layer, "fused", lambda *a: ran.append("fused") or fused(*a))
+    x = torch.randn(4, 5, 3)
+    layer(x)[0].pow(2).mean().backward()
+    route = layer.route
+    assert route.path == layer.path and not route.why
+    assert ("fused" in ran) == (route.path == "fused")
+    assert ("loop" in ran) == (route.recurrence == "compiled")
+    assert (route.path == "sequence") == (route.recurrence in ("compiled", "python"))
+    if layer.path == "sequence":
+        layer(x, mask=torch.ones(4, 5))
+        assert layer.route.path == "loop" and layer.route.why == "mask"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert layer.route.path == "loop" and layer.route.why == "autocast"
+    with recording(layer):
+        layer(x)
+    assert layer.route.path == "loop" and layer.route.why == "recording"

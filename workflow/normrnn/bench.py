@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -24,9 +23,10 @@ import time
 
 import torch
 
-from . import memory, native, triton_steps
+from . import memory
 from .cells import CELLS
 from .norms import NORMS
+from .paths import step_kernels
 from .quantizers import QUANTIZERS
 from .sequence import POOL, kept_tensors
 
@@ -34,21 +34,6 @@ from .sequence import POOL, kept_tensors
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def bn_steps(device: torch.device) -> str:
-    """How the batch norms step on the sequence path: compiled loops (``native.py``) on the
-    CPU, Triton kernels (``triton_steps.py``) on a GPU, or torch's ops."""
-    if device.type == "cuda":
-        return "triton" if triton_steps.available() and triton_steps.works(device) else "torch"
-    return "compiled" if device.type == "cpu" and native.library() else "torch"
-
-
-def recurrence(device: torch.device, dtype: torch.dtype) -> str:
-    """How the sequence path runs the LSTM and GRU recurrences: one compiled loop each way
-    (``csrc/recurrence.cpp``, CPU float32/float64), or steps in Python."""
-    probe = torch.empty(0, device=device, dtype=dtype)
-    return "compiled" if native.loop_applies(probe) else "python"
 
 
 def sgemm_gflops(device, dtype, n=1024, repeats=10) -> float:
@@ -140,6 +125,7 @@ def bench_variant(cell, norm, quant, args, device, dtype, roof):
 
     layer.train()
     base_t, var_t = time_pair(train(fused), train(layer), device, args.warmup, args.repeats)
+    route = layer.route  # how the timed training step ran (paths.choose)
     layer.eval()
     base_i, var_i = time_pair(infer(fused), infer(layer), device, args.warmup, args.repeats)
     layer.train()
@@ -154,7 +140,10 @@ def bench_variant(cell, norm, quant, args, device, dtype, roof):
         "cell": cell,
         "norm": norm,
         "quant": quant,
-        "path": layer.path,
+        "path": route.path,
+        "recurrence": route.recurrence,
+        "step_kernels": route.steps,
+        "cuda_graphs": route.graphs,
         "hidden": h,
         "batch": b,
         "steps": t,
@@ -209,8 +198,6 @@ ROW_ENV = (
     "device",
     "dtype",
     "tf32",
-    "bn_steps",
-    "recurrence",
 )  # repeated in every row
 
 
@@ -234,9 +221,7 @@ def run(args) -> tuple[dict, list[dict]]:
         "sgemm_gflops": roof,
         "machine": platform.processor() or platform.machine(),
         "tf32": args.tf32 if device.type == "cuda" else None,
-        "cuda_graphs": device.type == "cuda" and os.environ.get("NORMRNN_CUDA_GRAPHS") != "0",
-        "bn_steps": bn_steps(device),
-        "recurrence": recurrence(device, dtype),
+        "step_kernels": step_kernels(device),
     }
     rows = []
     for cell in args.cells.split(","):
@@ -246,7 +231,7 @@ def run(args) -> tuple[dict, list[dict]]:
                 row = bench_variant(cell, norm, quant, args, device, dtype, roof)
                 rows.append({**row, **{k: env[k] for k in ROW_ENV}})
                 print(
-                    f"{cell:4s} {norm:9s} {quant:5s} {row['path']:5s} "
+                    f"{cell:4s} {norm:12s} {quant:5s} {row['path']:8s} {row['recurrence']:8s} "
                     f"train {row['train_ratio']:.2f}x "
                     f"infer {row['infer_ratio']:.2f}x of fused, {row['train_ms']:.1f} ms/step, "
                     f"{row['roof_fraction']:.0%} of roof, saved {row['peak_mem_mb']:.1f} MB",
@@ -264,8 +249,7 @@ def main(argv=None) -> int:
     env, rows = run(args)
     print(
         f"machine: {env['machine']}, {env['device']}, {env['dtype']}, {env['threads']} threads, "
-        f"allocator {env['allocator']}, tf32 {env['tf32']}, cuda graphs {env['cuda_graphs']}, "
-        f"batch-norm steps {env['bn_steps']}, recurrence {env['recurrence']}, "
+        f"allocator {env['allocator']}, tf32 {env['tf32']}, compiled steps {env['step_kernels']}, "
         f"sgemm roof {env['sgemm_gflops']:.1f} GFLOP/s, "
         f"fused training step at {rows[0]['roof_fraction_fused']:.0%} of it"
         if rows

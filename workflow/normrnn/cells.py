@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norms import NORMS
+from .paths import choose
 from .quantizers import QUANTIZERS, quantize_blocks
 from .registry import Registry
 from .sequence import gru_sequence, lstm_sequence
@@ -78,6 +79,7 @@ class RecurrentLayer(nn.Module):
             )
         self.input_size, self.hidden_size = input_size, hidden_size
         self.recorded = None
+        self.route = None  # how the last call was computed (paths.choose)
         self.norm_name, self.quant_name = norm, quant
         size = self.gates * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(size, input_size))
@@ -167,12 +169,11 @@ class RecurrentLayer(nn.Module):
         w_ih, w_hh = self.effective_weights()
         if state is None:
             state = self.initial_state(x)
-        # Low-precision arithmetic (``precision: bf16/fp16``, autocast) runs the reference loop:
-        # the fused kernel and the hand-written recurrence keep one dtype throughout.
-        fast = self.recorded is None and not torch.is_autocast_enabled(x.device.type)
-        if fast and self.path == "fused":
+        # (low-precision arithmetic, autocast, runs the reference loop: the fused kernel and
+        # the hand-written recurrence keep one dtype throughout)
+        self.route, rec = choose(self, x, mask)
+        if self.route.path == "fused":
             return self.fused(x, state, w_ih, w_hh)
-        rec = self.norm.recurrence() if fast and self.path == "sequence" and mask is None else None
         if rec is not None and t0:
             rec = dataclasses.replace(rec, t0=t0)
         if rec is not None and rec.input is not None:  # projected and normalized inside
