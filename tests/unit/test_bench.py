@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from normrnn import bench, memory, native
@@ -80,3 +81,13 @@ def test_glibc_defaults_leave_the_allocator_alone(monkeypatch):
             "--cells=lstm", "--repeats=1", "--warmup=1", "--glibc-defaults"]  # fmt: skip
     env, rows = bench.run(bench.parse(argv))
     assert kept == [] and len(rows) == 1
+
+
+def test_options_as_values_are_the_command_lines():
+    """A config's bench spec (values, lists) gives the options its command line would."""
+    spec = {"hidden": 8, "batch": 4, "norms": ["none", "bn"], "cells": ["gru"], "threads": 2}
+    argv = ["--hidden=8", "--batch=4", "--norms=none,bn", "--cells=gru", "--threads=2"]
+    assert bench.options(**spec) == bench.parse(argv)
+    assert bench.options(hidden=8, input=3).input == 3 and bench.options(hidden=8).input == 8
+    with pytest.raises(ValueError, match="'hiden'"):
+        bench.options(hiden=8)

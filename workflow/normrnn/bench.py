@@ -192,6 +192,18 @@ def parse(argv=None):
     return args
 
 
+def options(**spec) -> argparse.Namespace:
+    """The bench's options as values (a config's ``bench.<name>``): the command line's
+    defaults, then ``spec``, with lists for ``norms``, ``quants`` and ``cells``."""
+    args = parse([])
+    for key, value in spec.items():
+        if key not in vars(args) or key in ("json", "csv"):
+            raise ValueError(f"bench: unknown option {key!r}")
+        setattr(args, key, ",".join(value) if isinstance(value, list | tuple) else value)
+    args.input = spec.get("input") or args.hidden
+    return args
+
+
 ROW_ENV = (
     "threads",
     "allocator",

@@ -183,15 +183,9 @@ def bench_job(smk):
     from . import bench, plots
 
     with logged(smk):
-        spec = dict(smk.params.spec)
-        argv = [f"--threads={spec.get('threads', 1)}"]  # (the job holds every core: alone)
-        for key in ("hidden", "batch", "steps", "input", "device", "dtype", "warmup", "repeats"):
-            if key in spec:
-                argv.append(f"--{key}={spec[key]}")
-        for key in ("norms", "quants", "cells"):
-            if key in spec:
-                argv.append(f"--{key}={','.join(spec[key])}")
-        env, rows = bench.run(bench.parse(argv))
+        spec = {k: v for k, v in smk.params.spec.items() if k not in ("mem_mb", "runtime_min")}
+        spec.setdefault("threads", 1)  # (the job holds every core: alone)
+        env, rows = bench.run(bench.options(**spec))
         df = pd.DataFrame(rows).assign(sgemm_gflops=env["sgemm_gflops"])
         df.to_csv(smk.output.csv, index=False)
         plots.bench_ratios(df, smk.output.plot, env)
