@@ -174,3 +174,23 @@ def test_infinite_gradient_is_a_diverged_result_with_finite_weights(
     assert info["status"] == "diverged" and info["stop_step"] == 3
     state = torch.load(tmp_path / "model.pt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_run_records_the_compute_path_it_took(tmp_path, digits_dir, monkeypatch):
+    """Runs on different paths agree per step to rounding and then drift: each records the
+    path its training steps took (train.json, then eval.json and summary.csv)."""
+    from normrnn import native
+
+    params = {**PARAMS, "quant": "fp", "epochs": 1, "max_batches": 2}
+    first = run_train(tmp_path / "a", digits_dir, params)
+    compiled = native.loop_applies(torch.zeros(1, 2, 3))
+    assert (first["path"], first["step_kernels"]) == (
+        "sequence",
+        "compiled" if native.library() else "torch",
+    )
+    assert first["recurrence"] == ("compiled" if compiled else "python")
+    monkeypatch.setattr(native, "loop_applies", lambda x: False)
+    second = run_train(tmp_path / "b", digits_dir, params)
+    assert second["path"] == "sequence" and second["recurrence"] == "python"
+    third = run_train(tmp_path / "c", digits_dir, {**params, "norm": "wn"})
+    assert (third["path"], third["recurrence"]) == ("fused", "-")

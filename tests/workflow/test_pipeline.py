@@ -62,6 +62,10 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
     assert set(df["study"]) == {"alpha", "beta", "gamma", "delta"}
     assert set(zip(df.norm, df.quant, strict=True)) >= {("none", "fp"), ("bn", "bc"), ("ln", "fp")}
     df = df[df.study != "gamma"]
+    assert set(df.loc[df.norm == "none", "path"]) == {"fused"}  # each run's compute path
+    bn = df[(df.norm == "bn") & (df.study == "alpha")]
+    assert set(bn["path"]) == {"sequence"} and set(bn["recurrence"]) <= {"compiled", "python"}
+    assert "loop" in set(df[df.study == "delta"]["path"])  # masked variable lengths
     assert df["test_metric"].map(math.isfinite).all()
     assert (df["status"] == "ok").all()
     chars = df[df.task == "chars"]

@@ -71,3 +71,18 @@ def choose(layer, x: torch.Tensor, mask=None) -> tuple[Route, Recurrence | None]
         graphs=graphs.enabled([x]),
     )
     return route, rec
+
+
+def route_record(layers) -> dict:
+    """What ``layers`` (a model's recurrent layers) computed at their last call, for a run's
+    record: ``path``, ``recurrence`` and ``step_kernels``, each one value, or the layers'
+    values joined by ``+`` where they differ; empty where no layer ran."""
+    routes = [layer.route for layer in layers if layer.route is not None]
+    if not routes:
+        return {}
+    fields = {"path": "path", "recurrence": "recurrence", "step_kernels": "steps"}
+    record = {}
+    for key, field in fields.items():
+        values = list(dict.fromkeys(getattr(r, field) for r in routes))
+        record[key] = "+".join(v or "-" for v in values)
+    return record

@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpointer, fingerprint
-from .models import build_model
+from .models import build_model, recurrent_layers
 from .norms import activation_term
 from .optim import make_optimizer, make_scheduler, parameter_groups, update_preconditioners
+from .paths import route_record
 from .scoring import autocast, evaluate, population_statistics, resolve_device
 from .tasks import make_task
 
@@ -181,6 +182,7 @@ def train(
     budget = params.get("time_budget_s", 0)
     every = params.get("checkpoint_every", 0)
     max_batches = params.get("max_batches", 0)
+    route = {}  # how the training steps were computed (paths.choose), for the record
     valid_statistics = params.get("valid_statistics", "population")
     try:
         while st.status == "running" and st.epoch < params["epochs"]:
@@ -191,6 +193,7 @@ def train(
                 t0 = time.perf_counter()
                 with autocast(device, precision):
                     loss, state, _, n = task.loss(model, batches[b], st.state, device)
+                route = route or route_record(recurrent_layers(model))  # (its first step here)
                 value = loss.item()
                 if not math.isfinite(value) or value > bound:
                     st.status, st.stop_step = "diverged", st.step
@@ -273,7 +276,7 @@ def train(
     if st.status == "timeout" or (st.status == "ok" and valid_statistics == "batch"):
         _final_population(model, task, params, device, precision, st)
     info = _write_outputs(
-        model, spec, task, params, st, device, model_path, history_path, info_path
+        model, spec, task, params, st, device, model_path, history_path, info_path, route
     )
     ckpt.clear()
     return info
@@ -302,7 +305,9 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _write_outputs(model, spec, task, params, st, device, model_path, history_path, info_path):
+def _write_outputs(
+    model, spec, task, params, st, device, model_path, history_path, info_path, route=None
+):
     import pandas as pd
 
     model_path, history_path, info_path = Path(model_path), Path(history_path), Path(info_path)
@@ -333,6 +338,7 @@ def _write_outputs(model, spec, task, params, st, device, model_path, history_pa
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        **(route or {}),  # the compute path of the training steps: numbers drift between paths
     }
     info_path.write_text(json.dumps(info, indent=2))
     return info
