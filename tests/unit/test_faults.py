@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -194,3 +195,32 @@ def test_a_run_records_the_compute_path_it_took(tmp_path, digits_dir, monkeypatc
     assert second["path"] == "sequence" and second["recurrence"] == "python"
     third = run_train(tmp_path / "c", digits_dir, {**params, "norm": "wn"})
     assert (third["path"], third["recurrence"]) == ("fused", "-")
+
+
+def flip_bytes(path, count=1000, seed=0):
+    """Flip ``count`` bytes in the middle third of ``path`` (inside its tensors' data)."""
+    data = bytearray(path.read_bytes())
+    third = len(data) // 3
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(np.arange(third, 2 * third), size=min(count, third), replace=False):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bit_flips_in_a_checkpoint_or_a_model_are_caught(tmp_path, uninterrupted):
+    """torch.load would load flipped bytes as numbers: the archive's CRCs catch them, the
+    checkpoint falls back to the previous one and a damaged model is refused by name."""
+    ck = Checkpointer(tmp_path / "ckpt")
+    weights = {"w": torch.arange(20_000, dtype=torch.float32)}
+    ck.save({"n": 1, **weights})
+    ck.save({"n": 2, **weights})
+    flip_bytes(ck.dir / "last.pt")
+    messages = []
+    assert ck.load(messages.append)["n"] == 1
+    assert "last.pt" in messages[0] and "CRC" in messages[0]
+    model = tmp_path / "model.pt"
+    model.write_bytes((uninterrupted / "model.pt").read_bytes())
+    load_model(model)  # intact: loads
+    flip_bytes(model, count=200)
+    with pytest.raises(CheckpointError, match=r"model\.pt: .*CRC does not match"):
+        load_model(model)

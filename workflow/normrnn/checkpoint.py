@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,6 +17,20 @@ from .models import build_model
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def verified(path) -> Path:
+    """``path``, once every member of its archive (``torch.save`` writes a zip) matches its
+    CRC; ``torch.load`` checks none, and loads flipped bits as numbers. Raises
+    :class:`CheckpointError` naming the file and the damaged member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable archive ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} is damaged (its CRC does not match)")
+    return Path(path)
 
 
 def fingerprint(params: dict, code: str = "") -> str:
@@ -53,7 +68,7 @@ class Checkpointer:
             if not path.exists():
                 continue
             try:
-                return torch.load(path, weights_only=False)
+                return torch.load(verified(path), weights_only=False)
             except Exception as e:  # a truncated or garbled file: fall back to the previous
                 log(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying prev.pt")
         return None
@@ -63,7 +78,7 @@ def load_model(path, which: str = "last") -> tuple[torch.nn.Module, dict]:
     """Load a trained model written by :func:`train`: the last one, or ``which="best"`` the
     best-validation one (the last one where the run kept none)."""
     try:
-        saved = torch.load(path, weights_only=False, map_location="cpu")
+        saved = torch.load(verified(path), weights_only=False, map_location="cpu")
         model = build_model(**saved["spec"])
         state = saved.get("best_state_dict") if which == "best" else None
         model.load_state_dict(state or saved["state_dict"])
