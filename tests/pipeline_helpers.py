@@ -101,4 +101,16 @@ BAD_CONFIGS = [
         lambda c: c["tasks"]["digits"].update(train_lengths="variable"),
         "train_lengths",
     ),
+    ("not a number", lambda c: c["tasks"]["digits"].update(lr=float("nan")), "tasks.digits.lr"),
+    (
+        "an infinity",
+        lambda c: c["defaults"].update(divergence_loss=float("inf")),
+        "defaults.divergence_loss",
+    ),
+    (
+        "splits past 1",
+        lambda c: c["datasets"]["pydoc"].update(splits=[0.9, 0.2, 0.1]),
+        "datasets.pydoc.splits",
+    ),
+    ("cuda without a GPU for the jobs", lambda c: c.update(device="cuda"), "gpus_per_train_job"),
 ]

@@ -53,3 +53,14 @@ def test_code_versions_follow_the_files_that_decide_their_outputs(tmp_path):
     with open(package / "bench.py", "a") as f:
         f.write("\n")
     assert versions()[0] == after_tables[0] and versions()[1] != after_tables[1]
+
+
+def test_cuda_without_a_device_is_refused_by_name(monkeypatch):
+    import torch
+
+    from normrnn.scoring import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
+    with pytest.raises(RuntimeError, match="config key device: 'cuda:1'.*no CUDA device"):
+        resolve_device("cuda:1")

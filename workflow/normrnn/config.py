@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ def validate(config: dict, schema: str | Path = SCHEMA) -> dict:
         schema_validate(config, str(schema), set_default=True)
     except Exception as e:  # snakemake wraps jsonschema's error in a WorkflowError
         raise ConfigError(_schema_message(e)) from None
+    _check_finite(config)
+    _check_values(config)
     _check_names(config)
     _check_recipes(config, schema)
     runs = expand(config)
@@ -137,6 +140,36 @@ def _check_hparams(where: str, hp: dict) -> None:
                     f"{where}.norm_opts.{name}: {key!r} is not an option of {name} "
                     f"({', '.join(sorted(known))})"
                 )
+
+
+def _check_finite(value, where: str = "") -> None:
+    """No NaN or infinity anywhere (YAML reads ``.nan`` and ``.inf`` as numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where or 'config'}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def _check_values(config: dict) -> None:
+    """What the schema cannot say: splits that add up to 1, a GPU for ``device: cuda``."""
+    for name, spec in config.get("datasets", {}).items():
+        splits = spec.get("splits")
+        if splits is not None and abs(sum(splits) - 1) > 1e-6:
+            raise ConfigError(
+                f"datasets.{name}.splits: {splits} add up to {sum(splits):g}, not 1 "
+                "(the train, validation and test fractions)"
+            )
+    if str(config.get("device", "auto")).startswith("cuda") and not config.get(
+        "gpus_per_train_job"
+    ):
+        raise ConfigError(
+            f"device: {config['device']!r} with gpus_per_train_job 0: the train jobs would get "
+            "no GPU; set gpus_per_train_job to 1, or device to auto or cpu"
+        )
 
 
 def _check_names(config: dict) -> None:

@@ -12,9 +12,14 @@ from .norms import estimate_population_statistics, frozen_statistics
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The config's ``device``: ``auto`` is a GPU where there is one; ``cuda`` without one is
+    refused by name, not left to fail inside torch."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config key device: {device!r}, but this machine has no CUDA device")
+    return resolved
 
 
 def autocast(device, precision):
