@@ -82,7 +82,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, digits_dir, uninterrupt
     else:
         assert code == -signal.SIGKILL
     assert not (tmp_path / "model.pt").exists()
-    info = run_train(tmp_path, digits_dir)  # the rerun resumes
+    # the rerun resumes, under raised limits and another checkpoint cadence (job settings)
+    limits = {"runtime_min": 240, "mem_mb": 8000, "checkpoint_every": 7}
+    info = run_train(tmp_path, digits_dir, {**PARAMS, **limits})
     assert info["status"] == "ok" and info["steps"] == 36
     same_result(tmp_path, uninterrupted)
     assert not (tmp_path / "ckpt").exists()  # removed once the outputs are written

@@ -149,6 +149,15 @@ def test_nothing_to_do_when_nothing_changed(done):
     assert "Nothing to be done" in out
 
 
+def test_raising_a_jobs_limits_or_checkpoint_cadence_reruns_nothing(done):
+    """Time and memory limits and the checkpoint cadence are settings of a job, not of its
+    result (the natural fix after a SLURM time limit is to raise runtime_min)."""
+    cfg = load_tiny()
+    cfg["defaults"].update(runtime_min=240, mem_mb=8000, checkpoint_every=7)
+    write_config(done, cfg, "limits.yaml")
+    assert [r for r, _ in planned_jobs(done, config="config/limits.yaml")] == []
+
+
 def test_editing_one_study_reruns_only_its_jobs(done):
     cfg = load_tiny()
     cfg["studies"][1]["overrides"] = {"lr": 0.02}  # study beta only

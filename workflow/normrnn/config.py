@@ -37,6 +37,11 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config: {message}")
 
 
+# How a job runs, not what it computes: kept out of a train job's params (a change reruns
+# nothing) and out of its checkpoint's fingerprint (raising a time limit resumes the run).
+JOB_SETTINGS = ("checkpoint_every", "mem_mb", "runtime_min")
+
+
 @dataclass(frozen=True)
 class Run:
     study: str
@@ -56,8 +61,10 @@ class Run:
         return self.study, self.task, self.run
 
     def params(self) -> dict:
-        """Everything the train job needs; a change here reruns that job (Snakemake params)."""
-        return {"norm": self.norm, "quant": self.quant, "seed": self.seed, **self.hparams}
+        """What decides the run's numbers; a change here reruns that job (Snakemake params).
+        The job's settings (:data:`JOB_SETTINGS`) reach it as resources instead."""
+        hp = {k: v for k, v in self.hparams.items() if k not in JOB_SETTINGS}
+        return {"norm": self.norm, "quant": self.quant, "seed": self.seed, **hp}
 
 
 def validate(config: dict, schema: str | Path = SCHEMA) -> dict:

@@ -71,8 +71,9 @@ def train_job(smk):
     with logged(smk):
         _setup(smk)
         data_dir = Path(smk.input.meta).parent
+        hp = {**smk.params.hp, "checkpoint_every": smk.resources.checkpoint_every}
         info = train(
-            dict(smk.params.hp),
+            hp,
             data_dir,
             smk.output.model,
             smk.output.history,

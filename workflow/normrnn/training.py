@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpointer, fingerprint
+from .config import JOB_SETTINGS
 from .models import build_model, recurrent_layers
 from .norms import activation_term
 from .optim import make_optimizer, make_scheduler, parameter_groups, update_preconditioners
@@ -147,7 +148,7 @@ def train(
         raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
     ckpt = Checkpointer(ckpt_dir)
     st = Progress()
-    fp = fingerprint(params, code)
+    fp = fingerprint({k: v for k, v in params.items() if k not in JOB_SETTINGS}, code)
     saved = ckpt.load(log)
     if saved is not None and saved.get("fingerprint") != fp:
         log(f"checkpoint in {ckpt.dir} is from other settings or code; starting afresh")

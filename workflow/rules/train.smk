@@ -21,6 +21,8 @@ rule train:
         gpu=config["gpus_per_train_job"],
         mem_mb=train_resources("mem_mb", 2000),
         runtime=train_resources("runtime_min", 60),
+        # a setting of the job, not of its result: a resource changes no params
+        checkpoint_every=train_resources("checkpoint_every", 0),
     params:
         hp=lambda w: run_of(w).params(),
         code=CODE_VERSION,
