@@ -226,3 +226,51 @@ def test_bit_flips_in_a_checkpoint_or_a_model_are_caught(tmp_path, uninterrupted
     flip_bytes(model, count=200)
     with pytest.raises(CheckpointError, match=r"model\.pt: .*CRC does not match"):
         load_model(model)
+
+
+def test_two_writers_of_one_checkpoint_do_not_collide(tmp_path):
+    """After ``--unlock`` two jobs of one run may write its checkpoint at once: each writes a
+    temporary file of its own, so neither finds its file gone."""
+    import threading
+
+    errors = []
+
+    def writer(n):
+        ck = Checkpointer(tmp_path)
+        try:
+            for i in range(20):
+                ck.save({"writer": n, "i": i, "w": torch.randn(2000)})
+        except Exception as e:  # noqa: BLE001 (any failure is the finding)
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Checkpointer(tmp_path).load()["i"] == 19
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), RuntimeError("basic_ios::clear: iostream error")],
+    ids=["ENOSPC", "torch"],
+)
+def test_a_full_disk_is_named_and_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
+    from normrnn.files import WriteError
+
+    ck = Checkpointer(tmp_path)
+    ck.save({"n": 1})
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(WriteError, match=r"last\.pt: could not be written: the disk is full"):
+        ck.save({"n": 2})
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert ck.load() == {"n": 1}  # the last good checkpoint is intact

@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import torch
 
+from .files import write_atomic
 from .models import build_model
 
 
@@ -46,20 +46,12 @@ class Checkpointer:
         self.dir = Path(directory)
 
     def save(self, payload: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        last, prev, tmp = self.dir / "last.pt", self.dir / "prev.pt", self.dir / "last.pt.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if last.exists():
-            os.replace(last, prev)
-        os.replace(tmp, last)
+        write_atomic(self.dir / "last.pt", lambda f: torch.save(payload, f), self.dir / "prev.pt")
 
     def clear(self) -> None:
         """Remove the checkpoints once the run's outputs are written."""
-        for name in ("last.pt", "prev.pt", "last.pt.tmp"):
-            (self.dir / name).unlink(missing_ok=True)
+        for path in (self.dir / "last.pt", self.dir / "prev.pt", *self.dir.glob(".*.tmp")):
+            path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
 

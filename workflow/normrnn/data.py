@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_atomic
 from .registry import Registry
 
 SOURCES = Registry("data source")
@@ -90,9 +91,7 @@ def prepare(raw, out_dir: str | Path, spec: dict) -> dict:
     meta["files"] = {}
     for name, tensors in splits.items():
         path = out_dir / f"{name}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f, tensors=tensors: torch.save(tensors, f))
         meta["files"][name] = {"name": path.name, "sha256": sha256(path)}
     meta["kind"] = spec["kind"]
     atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=2).encode())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import statistics
@@ -35,6 +34,7 @@ import torch
 
 from .checkpoint import Checkpointer, fingerprint
 from .config import JOB_SETTINGS
+from .files import write_atomic
 from .models import build_model, recurrent_layers
 from .norms import activation_term
 from .optim import make_optimizer, make_scheduler, parameter_groups, update_preconditioners
@@ -313,11 +313,9 @@ def _write_outputs(
 
     model_path, history_path, info_path = Path(model_path), Path(history_path), Path(info_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_name(model_path.name + ".tmp")
     payload = {"spec": spec, "state_dict": model.state_dict(), "params": params}
     payload.update(best_state_dict=st.best_state, best_epoch=st.best_epoch)
-    torch.save(payload, tmp)
-    os.replace(tmp, model_path)
+    write_atomic(model_path, lambda f: torch.save(payload, f))
     columns = ["epoch", "step", "train_loss", "valid_loss", f"valid_{task.metric}", "valid_error",
                "lr", "train_seconds", "seconds"]  # fmt: skip
     pd.DataFrame(st.history, columns=columns).to_csv(history_path, index=False)
