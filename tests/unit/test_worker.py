@@ -40,7 +40,7 @@ def train_job(out: Path, data_dir: Path, **params) -> SimpleNamespace:
             hp={**PARAMS, **params}, code="test", ckpt=str(out / "ckpt"), device="cpu",
             run={"study": "s", "task": "t", "run": "r"},
         ),
-        resources=SimpleNamespace(checkpoint_every=PARAMS["checkpoint_every"]),
+        resources=SimpleNamespace(checkpoint_every={**PARAMS, **params}["checkpoint_every"]),
     )  # fmt: skip
 
 
