@@ -149,6 +149,28 @@ def test_nothing_to_do_when_nothing_changed(done):
     assert "Nothing to be done" in out
 
 
+def test_a_damaged_prepared_file_is_refused_and_its_results_rebuilt(done, tmp_path):
+    """A truncated prepared file: the runs that read it fail naming it and leave no result
+    behind; doing what the message says (delete it, rerun) rebuilds the data and every result
+    that depends on it, to the same numbers."""
+    wf = tmp_path / "wf"
+    shutil.copytree(done, wf, symlinks=True)
+    key = ["study", "task", "run"]
+    before = pd.read_csv(wf / "results" / "summary.csv").sort_values(key).reset_index(drop=True)
+    damaged = wf / "data" / "prepared" / "digits" / "train.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert snakemake(wf, "--cores", "2", check=False).returncode != 0
+    logs = "".join(p.read_text() for p in (wf / "logs" / "train").rglob("*.log"))
+    assert f"{damaged.relative_to(wf)}: prepared data file is corrupt or truncated" in logs
+    failed = [p for p in (wf / "results" / "runs").rglob("train.json")]
+    assert len(failed) < N_RUNS  # the failed runs' outputs are gone, not stale
+    damaged.unlink()
+    snakemake(wf, "--cores", "2")
+    after = pd.read_csv(wf / "results" / "summary.csv").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_series_equal(after["test_metric"], before["test_metric"])
+    assert len(list((wf / "results" / "runs").rglob("eval.json"))) == N_RUNS
+
+
 def test_raising_a_jobs_limits_or_checkpoint_cadence_reruns_nothing(done):
     """Time and memory limits and the checkpoint cadence are settings of a job, not of its
     result (the natural fix after a SLURM time limit is to raise runtime_min)."""

@@ -105,7 +105,11 @@ def trained_lengths(study):
 
 
 def all_targets():
+    # every run's result too: Snakemake does not rerun a table whose inputs went missing (it
+    # reads them as temporary files), so a run whose outputs a failure removed is asked for
+    # by name, rebuilt, and its table and the summary follow by their inputs' times
     out = [f"{RESULTS}/summary.csv"]
+    out += [f"{RESULTS}/runs/{s}/{t}/{r}/eval.json" for (s, t, r) in RUNS]
     for s in STUDIES:
         out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
         out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
