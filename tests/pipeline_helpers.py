@@ -113,4 +113,5 @@ BAD_CONFIGS = [
         "datasets.pydoc.splits",
     ),
     ("cuda without a GPU for the jobs", lambda c: c.update(device="cuda"), "gpus_per_train_job"),
+    ("results in a file", lambda c: c.update(results_dir=str(ROOT / "README.md")), "results_dir"),
 ]

@@ -162,7 +162,12 @@ def _check_finite(value, where: str = "") -> None:
 
 
 def _check_values(config: dict) -> None:
-    """What the schema cannot say: splits that add up to 1, a GPU for ``device: cuda``."""
+    """What the schema cannot say: splits that add up to 1, a GPU for ``device: cuda``,
+    directories that are not files."""
+    for key in ("data_dir", "results_dir"):
+        where = Path(str(config.get(key, "")))
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"{key}: {str(where)!r} is a file, not a directory")
     for name, spec in config.get("datasets", {}).items():
         splits = spec.get("splits")
         if splits is not None and abs(sum(splits) - 1) > 1e-6:
