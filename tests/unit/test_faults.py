@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, digits_dir, uninterrupt
     # the rerun resumes, under raised limits and another checkpoint cadence (job settings)
     limits = {"runtime_min": 240, "mem_mb": 8000, "checkpoint_every": 7}
     info = run_train(tmp_path, digits_dir, {**PARAMS, **limits})
-    assert info["status"] == "ok" and info["steps"] == 36
+    assert info["status"] == "ok" and info["steps"] == 36 and info["path"] == "sequence"
     same_result(tmp_path, uninterrupted)
     assert not (tmp_path / "ckpt").exists()  # removed once the outputs are written
 
@@ -274,3 +274,28 @@ def test_a_full_disk_is_named_and_leaves_no_temporary_file(tmp_path, monkeypatch
     assert not list(tmp_path.glob(".*.tmp"))
     monkeypatch.undo()
     assert ck.load() == {"n": 1}  # the last good checkpoint is intact
+
+
+def test_written_files_keep_the_umasks_mode_and_other_errors_pass_as_they_are(tmp_path):
+    """Written through a temporary file, a file gets the mode open() would give it (not
+    mkstemp's owner-only 0600); an error that is not I/O passes unwrapped."""
+    from normrnn import files
+    from normrnn.files import WriteError, write_atomic
+
+    umask = os.umask(files._UMASK)  # (the process's, as the module read it)
+    try:
+        path = write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        plain = tmp_path / "b.bin"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+    def unpicklable(f):
+        raise TypeError("cannot pickle")
+
+    with pytest.raises(TypeError, match="cannot pickle"):
+        write_atomic(tmp_path / "c.bin", unpicklable)
+    with pytest.raises(WriteError, match=r"c\.bin: could not be written: \[Errno 5\] boom"):
+        write_atomic(tmp_path / "c.bin", lambda f: (_ for _ in ()).throw(OSError(5, "boom")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -50,8 +51,9 @@ class Checkpointer:
 
     def clear(self) -> None:
         """Remove the checkpoints once the run's outputs are written."""
-        for path in (self.dir / "last.pt", self.dir / "prev.pt", *self.dir.glob(".*.tmp")):
-            path.unlink(missing_ok=True)
+        stale = [p for p in self.dir.glob(".*.tmp") if time.time() - _mtime(p) > 60]
+        for path in (self.dir / "last.pt", self.dir / "prev.pt", self.dir / "last.pt.tmp", *stale):
+            path.unlink(missing_ok=True)  # (a fresh temporary file is another writer's)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
 
@@ -79,3 +81,10 @@ def load_model(path, which: str = "last") -> tuple[torch.nn.Module, dict]:
             f"{path}: cannot load the trained model ({type(e).__name__}: {e})"
         ) from e
     return model, saved
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()

@@ -17,6 +17,11 @@ class WriteError(OSError):
     pass
 
 
+_UMASK = os.umask(0)  # read once (a process-wide setting: put straight back)
+os.umask(_UMASK)
+FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
 def write_atomic(path, write, previous=None) -> Path:
     """``write(f)`` into a fresh temporary file beside ``path``, then rename it to ``path``
     (the file there before renamed to ``previous`` first, where given)."""
@@ -24,6 +29,7 @@ def write_atomic(path, write, previous=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would make it (mkstemp's is owner-only)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -35,14 +41,20 @@ def write_atomic(path, write, previous=None) -> Path:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, Exception):
+        # I/O errors name the file (torch reports a full disk as a RuntimeError); others,
+        # such as an object that cannot be pickled, pass as they are
+        if isinstance(e, OSError | RuntimeError):
             raise WriteError(_message(path, e)) from e
         raise
     return path
 
 
 def _message(path: Path, e: Exception) -> str:
-    free = shutil.disk_usage(path.parent).free
-    full = getattr(e, "errno", None) == errno.ENOSPC or "iostream" in str(e) or free < 1 << 20
-    reason = f"the disk is full ({free} bytes free on {path.parent})" if full else str(e)
+    full = getattr(e, "errno", None) in FULL or "iostream error" in str(e)
+    reason = str(e)
+    if full:
+        try:
+            reason = f"the disk is full ({shutil.disk_usage(path.parent).free} bytes free)"
+        except OSError:
+            reason = "the disk is full"
     return f"{path}: could not be written: {reason} [{type(e).__name__}: {e}]"

@@ -110,6 +110,7 @@ class Progress:
     best: float = math.inf  # the best validation value of ``select_on`` so far
     best_epoch: int | None = None
     best_state: dict | None = None
+    route: dict = field(default_factory=dict)  # how the training steps ran (paths.choose)
 
 
 SELECT_ON = ("loss", "error")
@@ -183,7 +184,6 @@ def train(
     budget = params.get("time_budget_s", 0)
     every = params.get("checkpoint_every", 0)
     max_batches = params.get("max_batches", 0)
-    route = {}  # how the training steps were computed (paths.choose), for the record
     valid_statistics = params.get("valid_statistics", "population")
     try:
         while st.status == "running" and st.epoch < params["epochs"]:
@@ -194,7 +194,7 @@ def train(
                 t0 = time.perf_counter()
                 with autocast(device, precision):
                     loss, state, _, n = task.loss(model, batches[b], st.state, device)
-                route = route or route_record(recurrent_layers(model))  # (its first step here)
+                st.route = st.route or route_record(recurrent_layers(model))
                 value = loss.item()
                 if not math.isfinite(value) or value > bound:
                     st.status, st.stop_step = "diverged", st.step
@@ -277,7 +277,7 @@ def train(
     if st.status == "timeout" or (st.status == "ok" and valid_statistics == "batch"):
         _final_population(model, task, params, device, precision, st)
     info = _write_outputs(
-        model, spec, task, params, st, device, model_path, history_path, info_path, route
+        model, spec, task, params, st, device, model_path, history_path, info_path
     )
     ckpt.clear()
     return info
@@ -306,9 +306,7 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _write_outputs(
-    model, spec, task, params, st, device, model_path, history_path, info_path, route=None
-):
+def _write_outputs(model, spec, task, params, st, device, model_path, history_path, info_path):
     import pandas as pd
 
     model_path, history_path, info_path = Path(model_path), Path(history_path), Path(info_path)
@@ -337,7 +335,7 @@ def _write_outputs(
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
         "threads": torch.get_num_threads(),
-        **(route or {}),  # the compute path of the training steps: numbers drift between paths
+        **st.route,  # the compute path of the training steps: numbers drift between paths
     }
     info_path.write_text(json.dumps(info, indent=2))
     return info

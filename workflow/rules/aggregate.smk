@@ -134,7 +134,12 @@ rule bench:
         mem_mb=lambda w: config["bench"][w.name].get("mem_mb", 4000),
         runtime=lambda w: config["bench"][w.name].get("runtime_min", 60),
     params:
-        spec=lambda w: config["bench"][w.name],
+        # (its time and memory limits are the job's, not the result's: out of the params)
+        spec=lambda w: {
+            k: v
+            for k, v in config["bench"][w.name].items()
+            if k not in ("mem_mb", "runtime_min")
+        },
         code=BENCH_CODE,
     script:
         "../scripts/job.py"
