@@ -171,6 +171,24 @@ def test_a_damaged_prepared_file_is_refused_and_its_results_rebuilt(done, tmp_pa
     assert len(list((wf / "results" / "runs").rglob("eval.json"))) == N_RUNS
 
 
+def test_run_from_another_directory_with_s(tmp_path):
+    """`snakemake -s path/to/Snakefile` from another directory: results go there, and the
+    files the workflow ships (the papers' reported numbers) are found beside the Snakefile."""
+    import subprocess
+    import sys
+
+    wf = workflow_copy(tmp_path)
+    config = write_config(wf, load_tiny())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(wf / "Snakefile"), "-n"]
+    proc = subprocess.run(
+        [*cmd, "--configfile", str(config)], cwd=elsewhere, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "rule train:" in proc.stdout and "results/summary.csv" in proc.stdout
+
+
 def test_raising_a_jobs_limits_or_checkpoint_cadence_reruns_nothing(done):
     """Time and memory limits and the checkpoint cadence are settings of a job, not of its
     result (the natural fix after a SLURM time limit is to raise runtime_min)."""

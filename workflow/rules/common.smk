@@ -8,6 +8,16 @@ from normrnn import config as nc  # noqa: E402
 from normrnn import worker  # noqa: E402
 
 nc.validate(config)
+
+
+def in_workflow(path):
+    """A config's file path: from the working directory where it is there, else from the
+    workflow's (run from elsewhere with -s, the shipped files are still found)."""
+    p = Path(path)
+    return str(p if p.is_absolute() or p.exists() else Path(workflow.basedir) / p)
+
+
+config["reported"] = in_workflow(config["reported"])
 RUNS = nc.expand(config)
 STUDIES = [s["name"] for s in config["studies"]]
 STUDY = {s["name"]: s for s in config["studies"]}
