@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from path_helpers import FAST, MODES, assert_same, default_path, run_path
-from registry_lists import batch_norms
+from registry_lists import SEQUENCE_CELLS, batch_norms
 from torch.func import functional_call
 
 from normrnn import (
@@ -81,9 +81,6 @@ def test_plain_gru_matches_torch_gru(path):
         layer.bias_hn.copy_(ref.bias_hh_l0[2 * h :])
     x = torch.randn(30, 8, 5)
     torch.testing.assert_close(model.rnn(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
-
-
-SEQUENCE_CELLS = [c for c in sorted(CELLS) if CELLS[c].has_sequence]
 
 
 # The norms without a hand-written step: on the GRU, Zhang's cells (their r, z and candidate

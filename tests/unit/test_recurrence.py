@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from path_helpers import assert_same, run_path
-from registry_lists import loop_cases
+from registry_lists import SEQUENCE_CELLS, loop_cases
 from torch.func import functional_call
 
 from normrnn import CELLS, native
@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 # The norms whose steps the loop takes, in training and eval (every term has a form there).
-SEQUENCE_CELLS = [c for c in sorted(CELLS) if CELLS[c].has_sequence]
 LOOP_CASES = loop_cases()
 
 

@@ -99,15 +99,20 @@ def _wait_for(path: Path, proc, timeout=120):
         time.sleep(0.05)
 
 
-def test_a_signal_to_the_script_reaches_the_child(served, digits_dir):
-    """SIGTERM to the job's script (SLURM's time limit, Snakemake stopping): the child
-    checkpoints and exits 143, and so does the script."""
-    tmp_path, _ = served
+def _long_job(tmp_path, digits_dir):
+    """A job's script training for long, started once its first checkpoint is written."""
     out = tmp_path / "job"
     out.mkdir()
     smk = train_job(out, digits_dir, epochs=500, max_batches=0, checkpoint_every=1)
     proc = subprocess.Popen([sys.executable, "-c", _script(smk)], cwd=tmp_path)
     _wait_for(out / "ckpt" / "last.pt", proc)
+    return out, proc
+
+
+def test_a_signal_to_the_script_reaches_the_child(served, digits_dir):
+    """SIGTERM to the job's script (SLURM's time limit, Snakemake stopping): the child
+    checkpoints and exits 143, and so does the script."""
+    out, proc = _long_job(served[0], digits_dir)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert "checkpointed at step" in (out / "train.log").read_text()
@@ -118,11 +123,7 @@ def test_a_script_that_dies_takes_its_child_with_it(served, digits_dir):
     """SIGKILL of the job's script (a node's OOM killer, a killed Snakemake): the worker sends
     its child SIGTERM, which checkpoints and exits instead of training on unwatched."""
     tmp_path, proc_worker = served
-    out = tmp_path / "job"
-    out.mkdir()
-    smk = train_job(out, digits_dir, epochs=500, max_batches=0, checkpoint_every=1)
-    proc = subprocess.Popen([sys.executable, "-c", _script(smk)], cwd=tmp_path)
-    _wait_for(out / "ckpt" / "last.pt", proc)
+    out, proc = _long_job(tmp_path, digits_dir)
     proc.kill()
     proc.wait()
     log = out / "train.log"

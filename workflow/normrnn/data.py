@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +34,6 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- raw sources
 @SOURCES.register("sklearn_digits")
 def fetch_sklearn_digits(out: Path) -> None:  # format: digits_npz
@@ -50,9 +41,8 @@ def fetch_sklearn_digits(out: Path) -> None:  # format: digits_npz
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, images=d.data.astype(np.uint8), labels=d.target.astype(np.int64))
-    os.replace(tmp, out)
+    images, labels = d.data.astype(np.uint8), d.target.astype(np.int64)
+    write_atomic(out, lambda f: np.savez_compressed(f, images=images, labels=labels))
 
 
 @SOURCES.register("cpython_pydoc")
@@ -61,7 +51,7 @@ def fetch_cpython_pydoc(out: Path) -> None:
     from pydoc_data.topics import topics
 
     text = "\n".join(topics[k] for k in sorted(topics))
-    atomic_write_bytes(out, text.encode("utf-8"))
+    write_atomic(out, lambda f: f.write(text.encode("utf-8")))
 
 
 def fetch(source: str, out: str | Path) -> None:
@@ -94,7 +84,7 @@ def prepare(raw, out_dir: str | Path, spec: dict) -> dict:
         write_atomic(path, lambda f, tensors=tensors: torch.save(tensors, f))
         meta["files"][name] = {"name": path.name, "sha256": sha256(path)}
     meta["kind"] = spec["kind"]
-    atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    write_atomic(out_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return meta
 
 

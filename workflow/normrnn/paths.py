@@ -13,8 +13,8 @@ and recorded on the layer (``layer.route``), where the bench and the tests read 
   ``native``), ``triton`` (``triton_steps``) or ``torch`` (neither is there).
 * ``graphs``: whether the sequence path replays CUDA graphs (``graphs.py``).
 
-The executors (``sequence.py``, ``native``, ``triton_steps``) check again that what they are
-handed fits them; a test holds this record to what ran.
+Whether the compiled loop runs is the sequence path's own test (``sequence.loop_specs``),
+asked here once more; a test holds this record to what ran.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from . import graphs, native, triton_steps
 from .norms.base import Recurrence
-from .sequence import loop_form
+from .sequence import loop_specs
 
 
 class Route(NamedTuple):
@@ -61,9 +61,7 @@ def choose(layer, x: torch.Tensor, mask=None) -> tuple[Route, Recurrence | None]
     if rec is None:
         return Route("loop", why="no recurrence"), None
     lstm = layer.state_count == 2  # the LSTM's loop has a cell term; the GRU's has none
-    compiled = (
-        x.shape[0] > 0 and native.loop_applies(x) and loop_form(rec, x.shape[1], lstm) is not None
-    )
+    compiled = loop_specs(rec, x, lstm) is not None  # (the sequence path's own test)
     route = Route(
         "sequence",
         recurrence="compiled" if compiled else "python",

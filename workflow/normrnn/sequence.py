@@ -325,8 +325,8 @@ class _LSTMSequence(torch.autograd.Function):
 
 def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c):
     """The forward loop: returns all h_t (from h0), all c_t, and the terms' saved steps.
-    Where the compiled loop takes the recurrence (:func:`_loop_specs`), it runs that."""
-    specs = _loop_specs(rec, x)
+    Where the compiled loop takes the recurrence (:func:`loop_specs`), it runs that."""
+    specs = loop_specs(rec, x)
     if specs is not None:
         args = (x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c, b_c)
         return _lstm_forward_compiled(rec, ws, specs, *args)
@@ -432,7 +432,7 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
     return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
 
 
-def _loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | None:
+def loop_specs(rec: Recurrence, x: torch.Tensor, cell: bool = True) -> tuple | None:
     """The terms' forms in the compiled loop (:func:`loop_form`), or None where the loop does
     not run: not on ``x``'s device or dtype (``native.loop_applies``), or no form."""
     if x.shape[0] == 0 or not native.loop_applies(x):
@@ -601,8 +601,8 @@ class _GRUSequence(torch.autograd.Function):
 
 def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     """The forward loop: returns all h_t (from h0) and the terms' saved steps. Where the
-    compiled loop takes the recurrence (:func:`_loop_specs`), it runs that."""
-    specs = _loop_specs(rec, x, cell=False)
+    compiled loop takes the recurrence (:func:`loop_specs`), it runs that."""
+    specs = loop_specs(rec, x, cell=False)
     if specs is not None:
         args = (x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h)
         return _gru_forward_compiled(rec, ws, specs[0], *args)
