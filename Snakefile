@@ -1,9 +1,17 @@
 # normrnn-repro: normalized and quantized recurrent networks, reproduced in one harness.
-# The default config comes from profiles/default (config/config.yaml);
 # `--configfile config/quick.yaml` runs the quick offline study instead.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+
+# The default config, found beside this Snakefile from any working directory;
+# a `--configfile FILE` on the command line replaces it (Snakemake would merge the two).
+if not workflow.overwrite_configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 report: "workflow/report/workflow.rst"

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from normrnn import config as nc
 from pipeline_helpers import BAD_CONFIGS, load_tiny
@@ -64,3 +65,25 @@ def test_cuda_without_a_device_is_refused_by_name(monkeypatch):
     assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
     with pytest.raises(RuntimeError, match="config key device: 'cuda:1'.*no CUDA device"):
         resolve_device("cuda:1")
+
+
+def test_a_yaml_error_names_the_file_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults:\n  lr: 0.1\nstudies:\n  - name: [a\n    tasks: x\n")
+    with pytest.raises(nc.ConfigError, match=rf"{bad}:5:10: "):
+        nc.load(bad)
+    good = tmp_path / "tiny.yaml"
+    good.write_text(yaml.safe_dump(load_tiny()))
+    assert nc.main([str(good), str(bad)]) == 1  # the command fails if any file does
+    out = capsys.readouterr().out.splitlines()
+    n = len(nc.expand(nc.validate(load_tiny())))
+    assert out[0].startswith(f"{good}: valid, {n} runs (") and out[1].startswith(
+        f"invalid config: {bad}:5:10: "
+    )
+
+
+def test_a_config_that_is_not_a_mapping_is_refused_by_file(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(nc.ConfigError, match=f"{path}: a config is a mapping"):
+        nc.load(path)

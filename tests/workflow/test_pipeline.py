@@ -10,6 +10,7 @@ import pytest
 
 from pipeline_helpers import (
     BAD_CONFIGS,
+    ROOT,
     load_tiny,
     planned_jobs,
     snakemake,
@@ -187,6 +188,11 @@ def test_run_from_another_directory_with_s(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "rule train:" in proc.stdout and "results/summary.csv" in proc.stdout
+    # without --configfile the default config beside the Snakefile is read, not the cwd's
+    shutil.copy(ROOT / "config" / "config.yaml", wf / "config")
+    proc = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "rule download:" in proc.stdout and "rule fetch:" not in proc.stdout  # its datasets
 
 
 def test_raising_a_jobs_limits_or_checkpoint_cadence_reruns_nothing(done):
@@ -291,3 +297,32 @@ def test_a_second_snakemake_is_refused_by_the_lock(tmp_path):
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-2000:]
     assert len(pd.read_csv(wf / "results" / "summary.csv")) == 2  # the first run's work is intact
+
+
+def test_a_killed_snakemake_leaves_a_lock_that_unlock_clears(tmp_path):
+    """A node failure kills Snakemake and its jobs: the lock stays and refuses the next run
+    until `--unlock`; then `--rerun-incomplete` finishes every run (docs/faults.md)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    wf = workflow_copy(tmp_path)
+    cfg = load_tiny()
+    cfg["studies"] = [cfg["studies"][1]]  # beta: two runs
+    write_config(wf, cfg)
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/test.yaml", "--cores", "1"]
+    first = subprocess.Popen(cmd, cwd=wf, stdout=subprocess.DEVNULL, start_new_session=True)
+    runs = wf / "results" / "runs"
+    start = time.time()
+    while not (runs.exists() and any(runs.rglob("*"))) and time.time() - start < 120:
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its job, as a node failure does
+    first.wait(30)
+    refused = snakemake(wf, "--cores", "1", "--rerun-incomplete", check=False)
+    assert refused.returncode != 0 and "cannot be locked" in refused.stdout + refused.stderr
+    snakemake(wf, "--unlock")
+    snakemake(wf, "--cores", "1", "--rerun-incomplete")
+    summary = pd.read_csv(wf / "results" / "summary.csv")
+    assert len(summary) == 2 and summary["status"].eq("ok").all()
