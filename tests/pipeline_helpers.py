@@ -112,6 +112,26 @@ BAD_CONFIGS = [
         lambda c: c["datasets"]["pydoc"].update(splits=[0.9, 0.2, 0.1]),
         "datasets.pydoc.splits",
     ),
+    (
+        "grid value as a string",  # YAML reads 1e-3 (no dot) as a string
+        lambda c: c["studies"][0].update(grid={"lr": ["1e-3"]}),
+        "studies[0].grid.lr: '1e-3' is not of type 'number'",
+    ),
+    (
+        "negative grid value",
+        lambda c: c["studies"][0].update(grid={"lr": [-1]}),
+        "studies[0].grid.lr: -1 is less than",
+    ),
+    (
+        "grid value of the wrong type",
+        lambda c: c["studies"][0].update(grid={"hidden_size": ["big"]}),
+        "studies[0].grid.hidden_size: 'big'",
+    ),
+    (
+        "misspelt norm option",
+        lambda c: c["defaults"].update(norm_opts={"bn": {"gama_init": 0.1}}),
+        "defaults.norm_opts.bn: 'gama_init' is not an option of bn",
+    ),
     ("cuda without a GPU for the jobs", lambda c: c.update(device="cuda"), "gpus_per_train_job"),
     ("results in a file", lambda c: c.update(results_dir=str(ROOT / "README.md")), "results_dir"),
 ]

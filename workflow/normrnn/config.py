@@ -265,8 +265,8 @@ def _check_recipes(config: dict, schema) -> None:
                 )
             _check_layer(validator, f"{where}.cases[{j}].set", case["set"])
         for key, values in (study.get("grid") or {}).items():
-            for j, value in enumerate(values):
-                _check_layer(validator, f"studies[{i}].grid.{key}[{j}]", {key: value})
+            for value in values:  # the error's path ends in the key: studies[i].grid.lr
+                _check_layer(validator, f"studies[{i}].grid", {key: value})
 
 
 def _check_figures(config: dict, runs: dict) -> None:
