@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,10 +16,19 @@ import torch
 from train_helpers import PARAMS, run_train
 
 from conftest import ROOT
-from normrnn.checkpoint import Checkpointer, CheckpointError, load_model
+from normrnn.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    load_model,
+    restore_rng_states,
+    rng_states,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DROPOUT = {**PARAMS, "num_layers": 2, "dropout": 0.5}  # dropout between the two layers
 
 
-def child(out, data_dir, params):
+def child(out, data_dir, params, device="cpu"):
     """Train in a child process (single thread, like the uninterrupted run)."""
     code = textwrap.dedent(f"""
         import sys, json, torch
@@ -28,7 +38,7 @@ def child(out, data_dir, params):
         from normrnn.training import train
         out = Path({str(out)!r})
         train(json.loads({json.dumps(json.dumps(params))}), {str(data_dir)!r}, out / "model.pt",
-              out / "history.csv", out / "train.json", out / "ckpt", device="cpu")
+              out / "history.csv", out / "train.json", out / "ckpt", device={device!r})
     """)
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
 
@@ -52,19 +62,42 @@ def wait_for_checkpoint(out, proc, min_step=6, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
-def same_result(a, b):
+def same_result(a, b, exact=False):
+    """The same history and weights, to rounding or (``exact``) to the bit."""
+    rtol, atol = (0.0, 0.0) if exact else (1e-6, 1e-7)
     ha, hb = pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv")
     cols = ["epoch", "step", "train_loss", "valid_loss", "valid_accuracy"]
-    pd.testing.assert_frame_equal(ha[cols], hb[cols], rtol=1e-6)
+    pd.testing.assert_frame_equal(ha[cols], hb[cols], check_exact=exact, rtol=1e-6)
     ma, mb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
+    assert ma["state_dict"].keys() == mb["state_dict"].keys()
     for k, v in ma["state_dict"].items():
-        torch.testing.assert_close(v, mb["state_dict"][k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(v, mb["state_dict"][k], rtol=rtol, atol=atol, msg=k)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, digits_dir):
     out = tmp_path_factory.mktemp("clean")
     info = run_train(out, digits_dir)
+    assert info["status"] == "ok" and info["steps"] == 36
+    return out
+
+
+def kill_and_resume(out, data_dir, params, device="cpu"):
+    """Train in a child, SIGKILL it after a checkpoint, then rerun to the end: its info."""
+    proc = child(out, data_dir, params, device)
+    wait_for_checkpoint(out, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    assert not (out / "model.pt").exists()
+    info = run_train(out, data_dir, params, device=device)
+    assert info["status"] == "ok" and info["steps"] == params["epochs"] * params["max_batches"]
+    return info
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_dropout(tmp_path_factory, digits_dir):
+    out = tmp_path_factory.mktemp("clean_dropout")
+    info = run_train(out, digits_dir, DROPOUT)
     assert info["status"] == "ok" and info["steps"] == 36
     return out
 
@@ -88,6 +121,83 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, digits_dir, uninterrupt
     assert info["status"] == "ok" and info["steps"] == 36 and info["path"] == "sequence"
     same_result(tmp_path, uninterrupted)
     assert not (tmp_path / "ckpt").exists()  # removed once the outputs are written
+
+
+def test_killed_run_with_dropout_resumes_to_the_same_result(
+    tmp_path, digits_dir, uninterrupted_dropout
+):
+    """Dropout draws from torch's generator at every training step: the checkpoint keeps its
+    state, so the resumed run draws the masks the uninterrupted one drew, to the bit."""
+    kill_and_resume(tmp_path, digits_dir, DROPOUT)
+    same_result(tmp_path, uninterrupted_dropout, exact=True)
+
+
+@needs_cuda
+def test_killed_run_with_dropout_resumes_to_the_same_result_on_cuda(tmp_path, digits_dir):
+    """On a GPU dropout draws from the device's generator (issue #25: the checkpoint kept the
+    CPU's alone, and a resumed run drew other masks). Six epochs: time to kill it in."""
+    params = {**DROPOUT, "epochs": 6}
+    clean = tmp_path / "clean"
+    info = run_train(clean, digits_dir, params, device="cuda")
+    assert info["status"] == "ok" and info["device"].startswith("cuda")
+    resumed = tmp_path / "resumed"
+    kill_and_resume(resumed, digits_dir, params, device="cuda")
+    same_result(resumed, clean)
+
+
+def draws() -> list:
+    """A draw from each generator a checkpoint keeps (CUDA's where it is in use)."""
+    out = [torch.rand(4).tolist(), random.random(), np.random.random(4).tolist()]
+    if torch.cuda.is_initialized():
+        out.append(torch.rand(4, device="cuda").tolist())
+    return out
+
+
+def test_a_checkpoint_restores_every_random_generator(tmp_path):
+    ck = Checkpointer(tmp_path)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ck.save({"rng": rng_states()})
+    expected = draws()
+    assert draws() != expected  # the generators moved on
+    messages = []
+    restore_rng_states(ck.load()["rng"], messages.append)
+    assert draws() == expected and messages == []
+
+
+def test_a_checkpoint_without_some_generators_restores_the_others(tmp_path):
+    """A checkpoint from before held torch's CPU state alone (a tensor), or none: it loads,
+    restores what it holds and names what it lacks."""
+    torch.manual_seed(3)
+    old, expected = torch.get_rng_state(), torch.rand(4)
+    messages = []
+    restore_rng_states(old, messages.append)
+    assert torch.equal(torch.rand(4), expected)
+    assert "no state of python, numpy" in messages[0]
+    restore_rng_states(None, messages.append)
+    assert "no state of torch, python, numpy" in messages[1]
+
+
+def test_the_cuda_generators_are_kept_where_cuda_is_in_use(monkeypatch):
+    """CUDA's generators, one per device, are saved once CUDA is in use and restored to the
+    devices there are (stood in for here: the test runs without a GPU too)."""
+    kept = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: kept)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    states = rng_states()
+    assert states["cuda"] is kept
+    messages = []
+    restore_rng_states(states, messages.append)
+    assert restored == kept[:1]  # one device here
+    assert messages == [
+        "the checkpoint keeps no state of cuda on 1 device(s) not on this machine: "
+        "from the seed instead"
+    ]
+    restore_rng_states({k: v for k, v in states.items() if k != "cuda"}, messages.append)
+    assert "no state of cuda:" in messages[1]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path):

@@ -1,15 +1,18 @@
 """A run's checkpoints (atomic writes, the previous one kept), their fingerprint of settings
-and code, and loading a trained model."""
+and code, the states of the random number generators they keep, and loading a trained
+model."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import random
 import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .files import write_atomic
@@ -38,6 +41,55 @@ def fingerprint(params: dict, code: str = "") -> str:
     """Identifies a run's settings: a checkpoint is only resumed by the same run."""
     blob = json.dumps(params, sort_keys=True, default=str) + code
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rng_states() -> dict:
+    """The states of the random number generators a run draws from, for its checkpoint:
+    torch's on the CPU (``"torch"``: the initialisation, and dropout and ``h0_noise`` on the
+    CPU), CUDA's, one per device, where this process uses CUDA (``"cuda"``: dropout and
+    ``h0_noise`` on a GPU), Python's ``random`` and NumPy's global generator (``"python"``,
+    ``"numpy"``: the package draws from neither, code it calls may). The order of the data
+    needs none: each epoch's comes from a generator of its own, seeded by the run's seed and
+    the epoch (tasks.py), so a resumed run draws it again."""
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_initialized():  # (asking for its states would initialise CUDA)
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states, log=print) -> None:
+    """Set the generators to ``states`` (from :func:`rng_states`). A checkpoint from before
+    these held torch's CPU state alone, as a tensor: that one is restored. A generator the
+    checkpoint does not hold (or CUDA states for devices this machine lacks) goes on from
+    the run's seed, and the log says so: the run may then part from an uninterrupted one."""
+    if isinstance(states, torch.Tensor):
+        states = {"torch": states}
+    states = states if isinstance(states, dict) else {}
+    restore = {
+        "torch": torch.set_rng_state,
+        "python": random.setstate,
+        "numpy": np.random.set_state,
+    }
+    missing = [name for name in restore if name not in states]
+    for name, set_state in restore.items():
+        if name in states:
+            set_state(states[name])
+    cuda = states.get("cuda")
+    if cuda is None:
+        if torch.cuda.is_initialized():
+            missing.append("cuda")
+    else:
+        count = min(len(cuda), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if count:
+            torch.cuda.set_rng_state_all(cuda[:count])
+        if count < len(cuda):
+            missing.append(f"cuda on {len(cuda) - count} device(s) not on this machine")
+    if missing:
+        log(f"the checkpoint keeps no state of {', '.join(missing)}: from the seed instead")
 
 
 class Checkpointer:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpointer, fingerprint
+from .checkpoint import Checkpointer, fingerprint, restore_rng_states, rng_states
 from .config import JOB_SETTINGS
 from .files import write_atomic
 from .models import build_model, recurrent_layers
@@ -158,7 +158,7 @@ def train(
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
+        restore_rng_states(saved.get("rng"), log)
         st = Progress(**saved["progress"])
         log(f"resumed at epoch {st.epoch}, batch {st.batch} (step {st.step})")
 
@@ -169,7 +169,7 @@ def train(
                 "optimizer": opt.state_dict(),
                 "fingerprint": fp,
                 "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(),
+                "rng": rng_states(),  # every generator the run draws from
                 "progress": asdict(st),
             }
         )
