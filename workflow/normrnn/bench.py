@@ -3,10 +3,13 @@
     python -m normrnn.bench --hidden 256 --batch 64 --steps 100 [--json out.json]
 
 For each variant and its fused baseline of the same size (same process, timed alternately,
-warm-up excluded, median of ``--repeats``): training-step throughput (forward + backward of
-one sequence) and inference throughput, as ratios to the baseline; the memory a training step
-saves for backward (exact, from autograd's saved-tensor hooks; on CUDA the peak allocated);
-and the fraction of the machine's sgemm roof the training step reaches. The threads and the
+warm-up excluded): training-step throughput (forward + backward of one sequence) and inference
+throughput, as ratios to the baseline, each the median of the ``--repeats`` repeats' ratios
+with their 25th and 75th percentiles (``*_ratio_lo``, ``*_ratio_hi``: the noise); the memory a
+training step saves for backward (exact, from autograd's saved-tensor hooks; on CUDA the peak
+allocated); and the fraction of the machine's sgemm roof the training step reaches. Each cell's
+first row, norm ``fused``, times the fused kernel against a second instance of itself: its
+ratio is 1 but for the noise, which its spread shows. The threads and the
 memory allocator are recorded: the allocator alone moves the CPU baseline by a factor of up to
 2.4 (``memory.py``). Like the pipeline's jobs, the bench has glibc keep freed memory, unless
 ``--glibc-defaults``.
@@ -86,7 +89,9 @@ def _graph_nodes(root) -> list:
     return nodes
 
 
-def time_pair(f_base, f_var, device, warmup, repeats):
+def time_pair(f_base, f_var, device, warmup, repeats) -> tuple[list[float], list[float]]:
+    """Every repeat's seconds of ``f_base()`` and of ``f_var()``, timed alternately (repeat
+    ``i``'s two times are neighbours: their ratio is that repeat's)."""
     for _ in range(warmup):
         f_base()
         f_var()
@@ -98,7 +103,102 @@ def time_pair(f_base, f_var, device, warmup, repeats):
             f()
             sync(device)
             acc.append(time.perf_counter() - t0)
-    return statistics.median(base), statistics.median(var)
+    return base, var
+
+
+def ratio_spread(base: list[float], var: list[float]) -> tuple[float, float, float]:
+    """The median of the per-repeat ratios ``base[i] / var[i]`` and their 25th and 75th
+    percentiles (``statistics.quantiles``, inclusive: the median's own interpolation)."""
+    ratios = [b / v for b, v in zip(base, var, strict=True)]
+    median = statistics.median(ratios)
+    if len(ratios) < 2:
+        return median, median, median
+    lo, _, hi = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, min(lo, median), max(hi, median)  # (min/max: rounding only)
+
+
+def _fused(cell, inp, hidden):
+    return (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(inp, hidden)
+
+
+def _train(module, x):
+    def f():
+        module.zero_grad(set_to_none=True)
+        module(x)[0].pow(2).mean().backward()
+
+    return f
+
+
+def _infer(module, x):
+    def f():
+        with torch.no_grad():
+            module(x)
+
+    return f
+
+
+def _memory(module, x, device) -> int:
+    """What a training step of ``module`` keeps for backward (on CUDA: the peak allocated)."""
+    module.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        _train(module, x)()
+        return torch.cuda.max_memory_allocated(device)
+    return saved_bytes(lambda: module(x)[0].pow(2).mean())
+
+
+def _timings(train, infer, flops, roof) -> dict:
+    """A row's timing columns from ``time_pair``'s training and inference repeats."""
+    (base_t, var_t), (base_i, var_i) = train, infer
+    train_ratio, train_lo, train_hi = ratio_spread(base_t, var_t)
+    infer_ratio, infer_lo, infer_hi = ratio_spread(base_i, var_i)
+    var_ms, base_ms = statistics.median(var_t), statistics.median(base_t)
+    return {
+        "train_ms": 1000 * var_ms,
+        "train_ms_fused": 1000 * base_ms,
+        "train_ratio": train_ratio,
+        "train_ratio_lo": train_lo,
+        "train_ratio_hi": train_hi,
+        "infer_ratio": infer_ratio,
+        "infer_ratio_lo": infer_lo,
+        "infer_ratio_hi": infer_hi,
+        "repeats": len(base_t),
+        "roof_fraction": flops / var_ms / 1e9 / roof,
+        "roof_fraction_fused": flops / base_ms / 1e9 / roof,
+    }
+
+
+def bench_fused(cell, args, device, dtype, roof):
+    """The sanity check: the fused ``nn.LSTM`` (``nn.GRU``) timed against a second instance of
+    itself, as every variant is against it. Its ratios are 1 but for the noise."""
+    POOL.free.clear()
+    torch.manual_seed(0)
+    inp, h, b, t = args.input, args.hidden, args.batch, args.steps
+    base = _fused(cell, inp, h).to(device, dtype)
+    twin = _fused(cell, inp, h).to(device, dtype)
+    x = torch.randn(t, b, inp, device=device, dtype=dtype)
+    for module in (base, twin):
+        module.train()
+    train = time_pair(_train(base, x), _train(twin, x), device, args.warmup, args.repeats)
+    for module in (base, twin):
+        module.eval()
+    infer = time_pair(_infer(base, x), _infer(twin, x), device, args.warmup, args.repeats)
+    peak = _memory(twin, x, device)
+    return {
+        "cell": cell,
+        "norm": "fused",
+        "quant": "fp",
+        "path": "fused",
+        "recurrence": "",
+        "step_kernels": "",
+        "cuda_graphs": False,
+        "hidden": h,
+        "batch": b,
+        "steps": t,
+        "input": inp,
+        **_timings(train, infer, step_flops(cell, inp, h, b, t), roof),
+        "peak_mem_mb": peak / 2**20,
+    }
 
 
 def bench_variant(cell, norm, quant, args, device, dtype, roof):
@@ -106,36 +206,15 @@ def bench_variant(cell, norm, quant, args, device, dtype, roof):
     torch.manual_seed(0)
     inp, h, b, t = args.input, args.hidden, args.batch, args.steps
     layer = CELLS[cell](inp, h, norm=norm, quant=quant, max_steps=t).to(device, dtype)
-    fused = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(inp, h).to(device, dtype)
+    fused = _fused(cell, inp, h).to(device, dtype)
     x = torch.randn(t, b, inp, device=device, dtype=dtype)
 
-    def train(module):
-        def f():
-            module.zero_grad(set_to_none=True)
-            module(x)[0].pow(2).mean().backward()
-
-        return f
-
-    def infer(module):
-        def f():
-            with torch.no_grad():
-                module(x)
-
-        return f
-
     layer.train()
-    base_t, var_t = time_pair(train(fused), train(layer), device, args.warmup, args.repeats)
+    train = time_pair(_train(fused, x), _train(layer, x), device, args.warmup, args.repeats)
     route = layer.route  # how the timed training step ran (paths.choose)
     layer.eval()
-    base_i, var_i = time_pair(infer(fused), infer(layer), device, args.warmup, args.repeats)
-    layer.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        train(layer)()
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = saved_bytes(lambda: layer(x)[0].pow(2).mean())
-    flops = step_flops(cell, inp, h, b, t)
+    infer = time_pair(_infer(fused, x), _infer(layer, x), device, args.warmup, args.repeats)
+    peak = _memory(layer, x, device)
     return {
         "cell": cell,
         "norm": norm,
@@ -148,13 +227,8 @@ def bench_variant(cell, norm, quant, args, device, dtype, roof):
         "batch": b,
         "steps": t,
         "input": inp,
-        "train_ms": 1000 * var_t,
-        "train_ms_fused": 1000 * base_t,
-        "train_ratio": base_t / var_t,
-        "infer_ratio": base_i / var_i,
+        **_timings(train, infer, step_flops(cell, inp, h, b, t), roof),
         "peak_mem_mb": peak / 2**20,
-        "roof_fraction": flops / var_t / 1e9 / roof,
-        "roof_fraction_fused": flops / base_t / 1e9 / roof,
     }
 
 
@@ -237,19 +311,31 @@ def run(args) -> tuple[dict, list[dict]]:
     }
     rows = []
     for cell in args.cells.split(","):
+        CELLS[cell]  # an unknown cell fails before its sanity row
+        rows.append(_printed({**bench_fused(cell, args, device, dtype, roof), **_env(env)}))
         for norm in args.norms.split(","):
             for quant in args.quants.split(","):
-                NORMS[norm], QUANTIZERS[quant], CELLS[cell]  # unknown names fail early
+                NORMS[norm], QUANTIZERS[quant]  # unknown names fail early
                 row = bench_variant(cell, norm, quant, args, device, dtype, roof)
-                rows.append({**row, **{k: env[k] for k in ROW_ENV}})
-                print(
-                    f"{cell:4s} {norm:12s} {quant:5s} {row['path']:8s} {row['recurrence']:8s} "
-                    f"train {row['train_ratio']:.2f}x "
-                    f"infer {row['infer_ratio']:.2f}x of fused, {row['train_ms']:.1f} ms/step, "
-                    f"{row['roof_fraction']:.0%} of roof, saved {row['peak_mem_mb']:.1f} MB",
-                    flush=True,
-                )
+                rows.append(_printed({**row, **_env(env)}))
     return env, rows
+
+
+def _env(env: dict) -> dict:
+    return {k: env[k] for k in ROW_ENV}
+
+
+def _printed(row: dict) -> dict:
+    print(
+        f"{row['cell']:4s} {row['norm']:12s} {row['quant']:5s} {row['path']:8s} "
+        f"{row['recurrence']:8s} train {row['train_ratio']:.2f}x "
+        f"[{row['train_ratio_lo']:.2f}-{row['train_ratio_hi']:.2f}] "
+        f"infer {row['infer_ratio']:.2f}x [{row['infer_ratio_lo']:.2f}-{row['infer_ratio_hi']:.2f}]"
+        f" of fused (median [25-75 %] of {row['repeats']}), {row['train_ms']:.1f} ms/step, "
+        f"{row['roof_fraction']:.0%} of roof, saved {row['peak_mem_mb']:.1f} MB",
+        flush=True,
+    )
+    return row
 
 
 def main(argv=None) -> int:
