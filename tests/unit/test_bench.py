@@ -9,15 +9,16 @@ import torch
 from matplotlib.container import BarContainer, ErrorbarContainer
 
 from normrnn import bench, memory, native, plots
+from normrnn.diagnostics import saved_bytes
 
 
 def test_saved_bytes_counts_what_autograd_keeps():
     x = torch.randn(100, 10, requires_grad=True)
-    assert bench.saved_bytes(lambda: x.pow(2)) == 100 * 10 * 4  # pow saves its input
+    assert saved_bytes(lambda: x.pow(2)) == 100 * 10 * 4  # pow saves its input
     w = torch.randn(10, 10, requires_grad=True)
     # mm saves both operands; tanh saves its output (two distinct tensors)
     expected = 4 * (100 * 10 + 10 * 10) + 4 * 100 * 10
-    assert bench.saved_bytes(lambda: torch.tanh(x @ w)) == expected
+    assert saved_bytes(lambda: torch.tanh(x @ w)) == expected
 
 
 def test_saved_bytes_counts_the_sequence_paths_own_buffers():
@@ -30,7 +31,7 @@ def test_saved_bytes_counts_the_sequence_paths_own_buffers():
     assert layer.path == "sequence"
     t, b, h = 10, 8, 16
     floats = t * b * 4 * h + (t + 1) * b * h + t * b * h + (t + 1) * b * h
-    assert bench.saved_bytes(lambda: layer(torch.randn(t, b, 2))[0].sum()) >= 4 * floats
+    assert saved_bytes(lambda: layer(torch.randn(t, b, 2))[0].sum()) >= 4 * floats
 
 
 def test_step_flops_by_hand():

@@ -78,15 +78,52 @@ def test_welch_on_identical_and_clearly_different_samples():
 
 
 def test_table_marks_significant_differences_to_the_baseline():
-    rows = [("char", "none", "fp", 8, s, "ok", v) for s, v in enumerate([1.50, 1.51, 1.49])]
-    rows += [("char", "ln", "fp", 8, s, "ok", v) for s, v in enumerate([1.30, 1.31, 1.29])]
-    rows += [("char", "wn", "fp", 8, s, "ok", v) for s, v in enumerate([1.52, 1.48, 1.50])]
+    """Welch's p of each variant against the baseline, Benjamini-Hochberg-adjusted over the
+    table's tests (against scipy's own adjustment of the raw p-values); under three finished
+    seeds a side, no test."""
+    from scipy import stats
+
+    from normrnn.tables import welch_p
+
+    seeds = {"none": [1.50, 1.51, 1.49], "ln": [1.30, 1.31, 1.29], "wn": [1.52, 1.48, 1.50]}
+    rows = [("char", n, "fp", 8, s, "ok", v) for n, vs in seeds.items() for s, v in enumerate(vs)]
+    rows += [("char", "rms", "fp", 8, s, "ok", v) for s, v in enumerate([1.2, 1.21])]
     t = study_table(runs(rows)).set_index("norm")
-    assert t.loc["none", "p vs baseline"] == ""
-    assert t.loc["ln", "p vs baseline"].endswith(" *")
-    assert (
-        not t.loc["wn", "p vs baseline"].endswith("*") and float(t.loc["wn", "p vs baseline"]) > 0.5
-    )
+    assert t.loc["none", "p vs baseline"] == "baseline"
+    assert t.loc["rms", "p vs baseline"] == "untested" and t.loc["rms", "seeds"] == "2 of 2"
+    raw = [welch_p(seeds[n], seeds["none"]) for n in ("ln", "wn")]
+    ln, wn = stats.false_discovery_control(raw, method="bh")
+    assert t.loc["ln", "p vs baseline"] == f"{ln:.3f} *" and ln > raw[0]
+    assert t.loc["wn", "p vs baseline"] == f"{wn:.3f}" and wn > 0.5
+    assert set(t["metric"]) == {"bpc (lower is better)"}
+
+
+def test_the_baseline_is_named_with_its_grid_values(tmp_path):
+    import json
+
+    from normrnn.tables import caption, collect
+
+    paths = []
+    for i, gamma in enumerate([0.01, 0.1]):
+        p = tmp_path / f"{i}.json"
+        row = {"task": "pmnist", "norm": "bn", "quant": "fp", "seed": 1, "status": "ok",
+               "metric": "accuracy", "model_bits": 10, "grid": {"gamma_init": gamma},
+               "test_metric": 0.9}  # fmt: skip
+        p.write_text(json.dumps(row))
+        paths.append(p)
+    text = caption(collect(paths))
+    assert "Baselines: pmnist: bn+fp, gamma_init=0.01." in text
+    assert "Benjamini-Hochberg" in text and "3 finished seeds" in text
+
+
+def test_the_html_table_has_its_caption_borders_and_numbers_aligned():
+    from normrnn.tables import html_table
+
+    table = pd.DataFrame({"norm": ["none", "bn"], "test": ["0.803 ± 0.063", "diverged"]})
+    page = html_table(table, "Study x", "Test metric & more")
+    assert "<caption><b>Study x</b>. Test metric &amp; more</caption>" in page
+    assert '<td class="num">0.803 ± 0.063</td>' in page and "<td>diverged</td>" in page
+    assert "border: 1px solid" in page and "addEventListener" in page  # borders, sortable
 
 
 def test_grid_axes_become_columns_and_other_columns_do_not(tmp_path):

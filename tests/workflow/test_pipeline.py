@@ -77,6 +77,15 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
     alpha = df[(df.study == "alpha") & (df.task == "digits") & (df.norm == "none")]
     bits = dict(zip(alpha.quant, alpha.model_bits, strict=True))
     assert bits["bc"] < bits["fp"]
+    # every hyperparameter is a column of every row, grid or not; names carry their units
+    for key in ("lr", "batch_size", "hidden_size", "optimizer", "epochs"):
+        assert df[key].notna().all(), key
+    timed = ["train_seconds_per_batch", "train_tokens_per_s", "infer_seconds_per_batch"]
+    for key in [*timed, "infer_tokens_per_s", "param_mb", "activation_mb", "process_peak_rss_mb"]:
+        assert (df[key] > 0).all(), key
+    # the model's memory, not the process's: far below torch's own ~350 MB
+    assert (df["param_mb"] < 1).all() and (df["activation_mb"] < df["process_peak_rss_mb"]).all()
+    assert "seconds_per_step" not in df and "peak_memory_mb" not in df
 
 
 def test_gradient_flow_is_recorded_at_init_and_after_training(done):
@@ -132,7 +141,6 @@ def test_tables_and_report_show_every_variant(done):
     for name in (
         "curves.png",
         "metric.png",
-        "cost.png",
         "gradflow.png",
         "grid.png",
         "lengths.png",
@@ -140,9 +148,15 @@ def test_tables_and_report_show_every_variant(done):
         "spectral.png",
         "table.html",
         "summary.csv",
+        "summary.html",
         "claims.png",
     ):
         assert name in html
+    # entries are labelled by kind; a study naming no paper has no reported-vs-reproduced entry
+    assert all(f'"kind": "{kind}"' in html or f'"kind":"{kind}"' in html
+               for kind in ("table", "figure", "data"))  # fmt: skip
+    assert "reported.html" not in html
+    assert not list((done / "results" / "studies").glob("*/reported.*"))
 
 
 def test_nothing_to_do_when_nothing_changed(done):

@@ -28,10 +28,11 @@ import torch
 
 from . import memory
 from .cells import CELLS
+from .diagnostics import saved_bytes
 from .norms import NORMS
 from .paths import step_kernels
 from .quantizers import QUANTIZERS
-from .sequence import POOL, kept_tensors
+from .sequence import POOL
 
 
 def sync(device):
@@ -56,37 +57,6 @@ def step_flops(cell, inp, hidden, batch, steps) -> float:
     """Matmul FLOPs of one training step (forward, and twice that for backward)."""
     gates = CELLS[cell].gates
     return 3 * 2 * steps * batch * (inp + hidden) * gates * hidden
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors kept for backward by ``fn()``'s graph: those autograd
-    saves, and those the sequence path keeps beside it (its workspace and the terms' steps)."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    for node in _graph_nodes(out.grad_fn):
-        for t in kept_tensors(node):
-            pack(t)
-    del out
-    return sum(seen.values())
-
-
-def _graph_nodes(root) -> list:
-    nodes, todo, seen = [], [root], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        todo.extend(n for n, _ in node.next_functions)
-    return nodes
 
 
 def time_pair(f_base, f_var, device, warmup, repeats) -> tuple[list[float], list[float]]:

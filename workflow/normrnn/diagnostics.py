@@ -6,6 +6,7 @@
 * :func:`batch_norm_statistics` — per time step, the scale a batch norm divides by (its
   population statistic) beside the scale of the batch actually arriving at that step: the
   mismatch that statistics shared over time cannot follow.
+* :func:`saved_bytes` — the memory a training step keeps for backward (the activations).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .cells import RecurrentLayer
 from .norms import BatchNormTerm, batch_mean
+from .sequence import kept_tensors
 
 
 def largest_singular_value(w: torch.Tensor) -> float:
@@ -117,3 +119,34 @@ def batch_norm_statistics(layer: RecurrentLayer, forward) -> list[dict]:
         for h in hooks:
             h.remove()
     return sorted(rows, key=lambda r: (r["term"], r["t"]))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors kept for backward by ``fn()``'s graph: those autograd
+    saves, and those the sequence path keeps beside it (its workspace and the terms' steps)."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    for node in _graph_nodes(out.grad_fn):
+        for t in kept_tensors(node):
+            pack(t)
+    del out
+    return sum(seen.values())
+
+
+def _graph_nodes(root) -> list:
+    nodes, todo, seen = [], [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return nodes

@@ -17,24 +17,44 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model
-from .diagnostics import batch_norm_statistics, hidden_gradient_norms, spectral_norms
+from .diagnostics import (
+    batch_norm_statistics,
+    hidden_gradient_norms,
+    saved_bytes,
+    spectral_norms,
+)
 from .models import build_model, model_bits, recurrent_layers, recurrent_size_kb
 from .scoring import autocast, evaluate, population_statistics, resolve_device
 from .tasks import make_task
 
 
 @torch.no_grad()
-def inference_seconds_per_step(model, task, device, repeats: int = 5) -> float:
-    """Median wall time of a forward pass over one test batch, per time step."""
+def inference_seconds_per_batch(model, task, device, repeats: int = 5) -> tuple[float, int]:
+    """Median wall time of a forward pass over the first test batch (after one warm-up), and
+    the batch's tokens (time steps × sequences)."""
     model.eval()
     batch = task.batches("test")[0]
-    steps = batch[0].shape[0]
+    tokens = batch[0].shape[0] * batch[0].shape[1]
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         task.loss(model, batch, None, device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) / steps
+    return statistics.median(times[1:]), tokens
+
+
+def model_memory(model, task, device) -> dict:
+    """The model's own memory, not the process's: its parameters and buffers, and the
+    activations one training batch keeps for backward (autograd's saved tensors and the
+    sequence path's buffers, :func:`~normrnn.diagnostics.saved_bytes`), in MiB."""
+    params = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    model.train()
+    batch = task.batches("train")[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # (population statistics)
+    activations = saved_bytes(lambda: task.loss(model, batch, None, device)[0])
+    model.load_state_dict(state)
+    model.eval()
+    return {"param_mb": params / 2**20, "activation_mb": activations / 2**20}
 
 
 def test_both(model_path, saved, task, params, device) -> dict:
@@ -83,12 +103,18 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
         n_params=sum(p.numel() for p in model.parameters()),
         model_bits=model_bits(model),
         size_kb=recurrent_size_kb(model),
-        hidden_size=params["hidden_size"],
         cell=params.get("cell", "lstm"),
         num_layers=params.get("num_layers", 1),
     )
+    # every hyperparameter of the run, grid or not, as a column of summary.csv
+    for key, value in params.items():
+        if key not in result:
+            result[key] = (
+                value if isinstance(value, str | int | float | bool) else json.dumps(value)
+            )
     if info["status"] == "diverged":
-        result.update(test_loss=math.nan, test_metric=math.nan, infer_seconds_per_step=math.nan)
+        result.update(test_loss=math.nan, test_metric=math.nan)
+        result.update(infer_seconds_per_batch=math.nan, infer_tokens_per_s=math.nan)
     else:
         scores = test_both(model_path, saved, task, params, device)
         chosen = scores[params.get("select", "last")]
@@ -98,7 +124,8 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
         for which, score in scores.items():
             result.update({f"{k}_{which}": v for k, v in score.items()})
         result["selected"] = params.get("select", "last")
-        result["infer_seconds_per_step"] = inference_seconds_per_step(model, task, device)
+        seconds, tokens = inference_seconds_per_batch(model, task, device)
+        result.update(infer_seconds_per_batch=seconds, infer_tokens_per_s=tokens / seconds)
         if params.get("eval_seq_lens"):
             result["length_metrics"] = length_metrics(model, task, device, params)
         model.eval()
@@ -111,6 +138,7 @@ def evaluate_run(model_path, info_path, data_dir, out_path, run: dict, device="a
         result["grad_norms_init"] = gradient_flow(
             build_model(**saved["spec"]).to(device), task, device
         )
+        result.update(model_memory(model, task, device))  # last: it draws dropout masks
     Path(out_path).write_text(json.dumps(result, indent=2, default=float))
     return result
 

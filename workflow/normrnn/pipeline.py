@@ -96,35 +96,34 @@ def train_job(smk):
 
 
 def tables_job(smk):
-    import pandas as pd
-
-    from .tables import collect, compare_reported, write_tables
+    from .tables import collect, write_tables
 
     with logged(smk):
-        study = smk.wildcards.study
         runs = collect(smk.input.evals)
         runs.to_csv(smk.output.runs, index=False)
-        table = write_tables(runs, smk.output.md, smk.output.tex, f"Study {study}")
-        Path(smk.output.html).write_text(table.to_html(index=False, border=0, classes="table"))
+        out = smk.output
+        table = write_tables(runs, out.md, out.tex, out.html, f"Study {smk.wildcards.study}")
         print(table.to_string())
-        paper = smk.params.paper
+
+
+def reported_job(smk):
+    """A study's paper's reported numbers beside the reproduced ones (studies with a paper)."""
+    import pandas as pd
+
+    from .tables import compare_reported, html_table
+
+    with logged(smk):
+        study, paper = smk.wildcards.study, smk.params.paper
+        runs = pd.read_csv(smk.input.runs)
         cmp = compare_reported(
             runs, pd.read_csv(smk.input.reported), paper, dict(smk.params.tolerance)
         )
-        title = f"# Study {study}: reported ({paper}) vs reproduced\n\n" if paper else ""
-        note = (
-            ""
-            if paper
-            else f"Study {study} names no paper: there are no reported numbers to compare.\n"
-        )
-        cmp.to_csv(smk.output.reported_csv, index=False)
+        title = f"Study {study}: reported ({paper}) vs reproduced"
+        cmp.to_csv(smk.output.csv, index=False)
         blank = cmp.astype(object).where(cmp.notna(), "")
-        Path(smk.output.reported_md).write_text(
-            title + note + blank.to_markdown(index=False) + "\n"
-        )
-        Path(smk.output.reported_html).write_text(
-            (f"<p>{note}</p>" if note else "") + cmp.to_html(index=False, border=0, na_rep="")
-        )
+        Path(smk.output.md).write_text(f"# {title}\n\n" + blank.to_markdown(index=False) + "\n")
+        text = "Reported numbers from config/reported.csv; reproduced as mean ± std over n seeds"
+        Path(smk.output.html).write_text(html_table(cmp, title, text))
         print(cmp.to_string())
 
 
@@ -134,28 +133,30 @@ def plots_job(smk):
     from . import plots, tables
 
     with logged(smk):
-        runs = pd.read_csv(smk.input.runs)
+        runs, axes = pd.read_csv(smk.input.runs), list(smk.params.grid)
+        ident = ["task", "norm", "quant", "seed", *axes]
         frames = []
         for path in smk.input.histories:
-            h = pd.read_csv(path)
             parts = Path(path).parts
             run = runs[(runs["task"] == parts[-3]) & (runs["run"] == parts[-2])].iloc[0]
-            frames.append(
-                h.assign(task=run["task"], norm=run["norm"], quant=run["quant"], seed=run["seed"])
-            )
+            frames.append(pd.read_csv(path).assign(**run[ident].to_dict()))
         histories = pd.concat(frames, ignore_index=True)
-        plots.gradient_flow(tables.gradient_flow(smk.input.evals), smk.output.gradflow)
-        plots.learning_curves(histories, smk.output.curves)
-        plots.final_metric(runs, smk.output.metric)
-        plots.cost(runs, smk.output.cost)
+        flow = tables.gradient_flow(smk.input.evals, extra=axes)
+        plots.gradient_flow(flow, smk.output.gradflow, axes)
+        plots.learning_curves(histories, smk.output.curves, axes)
+        plots.final_metric(runs, smk.output.metric, axes)
 
 
 def summary_job(smk):
     import pandas as pd
 
+    from .tables import html_table
+
     with logged(smk):
         df = pd.concat([pd.read_csv(p) for p in smk.input], ignore_index=True)
-        df.to_csv(smk.output[0], index=False)
+        df.to_csv(smk.output.csv, index=False)
+        text = f"{len(df)} runs, one row each (columns: the report's caption of summary.csv)"
+        Path(smk.output.html).write_text(html_table(df, "Every run", text))
         print(f"{len(df)} runs, {int((df['status'] != 'ok').sum())} not ok", file=sys.stdout)
 
 
@@ -165,6 +166,7 @@ def claims_job(smk):
 
     from . import plots
     from .claims import check, groups
+    from .tables import html_table
 
     with logged(smk):
         claims, runs = dict(smk.params.claims), pd.read_csv(smk.input[0])
@@ -174,7 +176,8 @@ def claims_job(smk):
         Path(smk.output.md).write_text(
             "# Claims, checked against the runs\n\n" + table.to_markdown(index=False) + "\n"
         )
-        Path(smk.output.html).write_text(table.to_html(index=False, border=1, classes="claims"))
+        text = "Each claim's verdict and the numbers it rests on (see the caption)"
+        Path(smk.output.html).write_text(html_table(table, "Claims, checked", text))
         print(table.to_string())
 
 

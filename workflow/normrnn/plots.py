@@ -1,4 +1,5 @@
-"""Seaborn figures of one study: learning curves, final metric, cost."""
+"""Seaborn figures of a study: learning curves, final metric, gradient flow, its grid; every
+grid axis kept apart (:func:`settings`), seeds the only thing averaged."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .tables import DIRECTION  # noqa: E402
+
 
 def _save(grid, path):
-    grid.figure.savefig(path, dpi=110, bbox_inches="tight")
-    matplotlib.pyplot.close(grid.figure)
+    """Write a seaborn grid's (or a matplotlib) figure and close it; return the figure, whose
+    artists the tests read back."""
+    fig = getattr(grid, "figure", grid)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    matplotlib.pyplot.close(fig)
+    return fig
 
 
 def _placeholder(path, what: str, why: str = "every run of this study diverged") -> None:
@@ -24,53 +31,117 @@ def _placeholder(path, what: str, why: str = "every run of this study diverged")
     matplotlib.pyplot.close(fig)
 
 
-def learning_curves(histories: pd.DataFrame, path) -> None:
-    """Validation metric per epoch; one panel per task, colour = norm, dashes = quantizer."""
+def settings(df: pd.DataFrame, axes=()) -> pd.DataFrame:
+    """``df`` with ``variant`` (the norm, + quantizer where the study has several) and
+    ``setting`` (the values of the grid axes that vary, "gamma_init=0.1, lr=0.03"; "" without
+    a grid), so that a figure averages over seeds only. ``df.attrs["settings"]`` lists the
+    settings in the axes' numeric order."""
+    axes = [a for a in axes if a in df and df[a].nunique(dropna=False) > 1]
+    several = df["quant"].nunique() > 1
+    out = df.assign(variant=df["norm"] + "+" + df["quant"] if several else df["norm"])
+    if not axes:
+        out = out.assign(setting="")
+        out.attrs["settings"] = []
+        return out
+    out = out.assign(
+        setting=[
+            ", ".join(f"{a}={v}" for a, v in zip(axes, row, strict=True))
+            for row in out[axes].itertuples(index=False)
+        ]
+    )
+    ranks = [out[a].map({v: i for i, v in enumerate(_ordered(out[a]))}) for a in axes]
+    order = out.assign(_rank=list(zip(*ranks, strict=True))).sort_values("_rank", kind="stable")
+    out.attrs["settings"] = list(dict.fromkeys(order["setting"]))
+    return out
+
+
+def _seeds_note(df: pd.DataFrame) -> str:
+    n = df.groupby(["task", "variant", "setting"])["seed"].nunique()
+    if n.max() <= 1:
+        return "one seed per point: no error bars"
+    spread = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
+    return f"mean ± sd over {spread} seeds"
+
+
+def learning_curves(histories: pd.DataFrame, path, axes=()):
+    """Training loss and validation metric per epoch, mean ± sd over seeds. One row of
+    panels per task and quantity; grid settings as lines (one variant) or as columns (several);
+    more than six variants get a panel each instead of sharing one."""
+    from matplotlib.ticker import MaxNLocator
+
     skip = ("valid_loss", "valid_error")
-    metric_cols = [c for c in histories.columns if c.startswith("valid_") and c not in skip]
-    long = histories.melt(
-        id_vars=["task", "norm", "quant", "seed", "epoch"],
-        value_vars=metric_cols,
-        var_name="metric",
+    quantities = [
+        c
+        for c in histories.columns
+        if c == "train_loss" or (c.startswith("valid_") and c not in skip)
+    ]
+    h = settings(histories, axes)
+    long = h.melt(
+        id_vars=["task", "variant", "setting", "seed", "epoch"],
+        value_vars=quantities,
+        var_name="quantity",
     ).dropna(subset=["value"])
     if long.empty:
         return _placeholder(path, "learning curves")
+    long["panel"] = long["task"] + ": " + long["quantity"].str.replace("_", " ")
+    variants = list(dict.fromkeys(h["variant"]))
+    hue, col = "variant", None
+    if h.attrs["settings"] and len(variants) == 1:
+        hue = "setting"
+    elif h.attrs["settings"]:
+        col = "setting"
+    elif len(variants) > 6:
+        hue, col = None, "variant"
+    order = {"setting": h.attrs["settings"], "variant": variants}
+    row, wide = "panel", col and long[col].nunique() > 6
+    if wide:  # many panels: one row each, so the figure grows down, not sideways
+        row, col = col, row
     g = sns.relplot(
         data=long,
         x="epoch",
         y="value",
-        hue="norm",
-        style="quant",
-        col="task",
-        row="metric",
+        hue=hue,
+        hue_order=order.get(hue),
+        row=row,
+        col=col,
+        row_order=order.get(row),
+        col_order=order.get(col),
         kind="line",
         errorbar="sd",
-        facet_kws={"sharey": False},
-        height=3.2,
-        aspect=1.3,
+        marker="o",
+        markersize=3,
+        facet_kws={"sharey": "col" if wide else "row"},
+        height=2.4,
+        aspect=1.5,
     )
-    _save(g, path)
+    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    for key, ax in g.axes_dict.items():
+        panel = key if isinstance(key, str) else key[1 if wide else 0]
+        ax.set_ylabel(panel.split(": ", 1)[-1] if panel in set(long["panel"]) else "")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    g.figure.suptitle(_seeds_note(h), y=1.01, fontsize=9)
+    return _save(g, path)
 
 
-def final_metric(runs: pd.DataFrame, path) -> None:
-    """Test metric per norm × quantizer, mean with the standard deviation over seeds."""
-    ok = runs[runs["status"] != "diverged"]
+def final_metric(runs: pd.DataFrame, path, axes=()):
+    """Test metric per variant (x), colour = quantizer, or the grid setting where the study
+    has a grid; mean ± sd over seeds (one seed: no bar)."""
+    ok = settings(runs[runs["status"] != "diverged"], axes)
     if ok.empty:
         return _placeholder(path, "test metric")
-    better = {
-        "accuracy": "higher is better",
-        "bpc": "lower is better",
-        "perplexity": "lower is better",
-    }
     ok = ok.assign(
-        task=[f"{t}: {m} ({better.get(m, '')})" for t, m in zip(ok.task, ok.metric, strict=True)]
+        task=[f"{t}: {m} ({DIRECTION.get(m, '')})" for t, m in zip(ok.task, ok.metric, strict=True)]
     )
-    dodge = 0.4 if ok["quant"].nunique() > 1 else False
+    x, hue, order = "norm", "quant", None
+    if ok.attrs["settings"]:
+        x, hue, order = "variant", "setting", ok.attrs["settings"]
+    dodge = 0.4 if ok[hue].nunique() > 1 else False
     g = sns.catplot(
         data=ok,
-        x="norm",
+        x=x,
         y="test_metric",
-        hue="quant",
+        hue=hue,
+        hue_order=order,
         col="task",
         kind="point",
         errorbar="sd",
@@ -80,33 +151,11 @@ def final_metric(runs: pd.DataFrame, path) -> None:
         height=3.2,
         aspect=1.5,
     )
-    g.set_axis_labels("norm", "test metric")
+    g.set_axis_labels("norm" if x == "norm" else "variant", "test metric")
     for ax in g.axes.flat:
         ax.tick_params(axis="x", rotation=45)
-    _save(g, path)
-
-
-def cost(runs: pd.DataFrame, path) -> None:
-    """Median training time per step per norm × quantizer."""
-    data = runs.assign(ms_per_step=1000 * runs["seconds_per_step"]).dropna(subset=["ms_per_step"])
-    if data.empty:
-        return _placeholder(path, "timings")
-    g = sns.catplot(
-        data=data,
-        x="norm",
-        y="ms_per_step",
-        hue="quant",
-        col="task",
-        kind="bar",
-        errorbar=None,
-        sharey=False,
-        height=3.2,
-        aspect=1.5,
-    )
-    g.set_axis_labels("norm", "ms per training step")
-    for ax in g.axes.flat:
-        ax.tick_params(axis="x", rotation=45)
-    _save(g, path)
+    g.figure.suptitle(_seeds_note(ok), y=1.02, fontsize=9)
+    return _save(g, path)
 
 
 def bench_ratios(df: pd.DataFrame, path, env: dict) -> matplotlib.figure.Figure:
@@ -167,17 +216,24 @@ def bench_ratios(df: pd.DataFrame, path, env: dict) -> matplotlib.figure.Figure:
     return fig
 
 
-def gradient_flow(flow: pd.DataFrame, path) -> None:
-    """‖∂L/∂h_t‖ over t at initialisation and after training (log scale), colour = norm."""
+def gradient_flow(flow: pd.DataFrame, path, axes=()):
+    """‖∂L/∂h_t‖ over t at initialisation and after training (log scale), mean over seeds:
+    colour = norm, or the grid setting where the study has one (dashes then tell the norms)."""
     flow = flow[flow["grad_norm"] > 0]
     if flow.empty:
         return _placeholder(path, "gradient norms")
+    flow = settings(flow, axes)
+    hue, style, hue_order = "variant", None, None
+    if flow.attrs["settings"]:
+        hue, hue_order = "setting", flow.attrs["settings"]
+        style = "variant" if flow["variant"].nunique() > 1 else None
     g = sns.relplot(
         data=flow,
         x="t",
         y="grad_norm",
-        hue="norm",
-        style="quant",
+        hue=hue,
+        hue_order=hue_order,
+        style=style,
         col="task",
         row="when",
         kind="line",
@@ -188,7 +244,8 @@ def gradient_flow(flow: pd.DataFrame, path) -> None:
     )
     g.set(yscale="log")
     g.set_axis_labels("time step t", "‖∂L/∂h_t‖")
-    _save(g, path)
+    g.figure.suptitle(_seeds_note(flow).replace("± sd ", ""), y=1.02, fontsize=9)
+    return _save(g, path)
 
 
 def _ordered(values) -> list:
@@ -200,44 +257,92 @@ def _ordered(values) -> list:
         return distinct
 
 
-def grid_metric(runs: pd.DataFrame, axes: list[str], path) -> None:
-    """Test metric against the study's grid axes: x = the first axis, panels = the second (if
-    any) × task, colour = norm (+ quantizer). Each panel's title counts its diverged runs."""
-    runs = runs.assign(
-        variant=runs["norm"]
-        if runs["quant"].nunique() == 1
-        else runs["norm"] + "+" + runs["quant"],
-        **{a: runs[a].astype(str) for a in axes},
-    )
-    ok = runs[runs["status"] != "diverged"]
+def grid_metric(runs: pd.DataFrame, axes: list[str], path):
+    """Test metric against the study's grid axes, mean over seeds. One axis: the axis along
+    x, colour = variant, a row of panels per task. Two or more: a heat map per task ×
+    variant (× the further axes' values) with the first axis down and the second across,
+    each cell annotated with its mean and its diverged runs; a cell where every run
+    diverged is grey and says so. Colours run towards the better end of the metric."""
+    runs = runs.assign(**{a: runs[a].astype(str) for a in axes})
+    labelled = settings(runs, axes[2:])
+    ok = labelled[labelled["status"] != "diverged"]
     if ok.empty:
         return _placeholder(path, "test metric")
-    x, col = axes[0], (axes[1] if len(axes) > 1 else None)
-    g = sns.catplot(
-        data=ok,
-        x=x,
-        y="test_metric",
-        hue="variant",
-        col=col,
-        row="task",
-        order=_ordered(runs[x]),
-        col_order=_ordered(runs[col]) if col else None,
-        kind="point",
-        errorbar="sd",
-        dodge=0.3 if ok["variant"].nunique() > 1 else False,
-        sharey="row",
-        height=3.0,
-        aspect=1.2,
-    )
-    for key, ax in g.axes_dict.items():
-        task, value = key if col else (key, None)
+    if len(axes) == 1:
+        return _grid_points(labelled, ok, axes[0], path)
+    import numpy as np
+
+    a, b = axes[0], axes[1]
+    rows_, cols_ = _ordered(runs[a]), _ordered(runs[b])
+    panels = list(labelled.groupby(["task", "variant", "setting"], sort=False).groups)
+    n = len(panels)
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    size = (ncols * (0.9 * len(cols_) + 2.4), nrows * (0.6 * len(rows_) + 1.4))
+    fig, grid = matplotlib.pyplot.subplots(nrows, ncols, squeeze=False, figsize=size)
+    for ax, (task, variant, setting) in zip(grid.flat, panels, strict=False):
+        sel = labelled[
+            (labelled.task == task) & (labelled.variant == variant) & (labelled.setting == setting)
+        ]
+        metric = sel["metric"].iloc[0]
+        mean = ok[ok.index.isin(sel.index)].pivot_table(
+            index=a, columns=b, values="test_metric", aggfunc="mean"
+        )
+        mean = mean.reindex(index=rows_, columns=cols_)
+        bad = (
+            sel.assign(d=sel.status == "diverged")
+            .pivot_table(index=a, columns=b, values="d", aggfunc="sum")
+            .reindex(index=rows_, columns=cols_)
+            .fillna(0)
+            .astype(int)
+        )
+        notes = np.empty(mean.shape, dtype=object)
+        for i, j in np.ndindex(mean.shape):
+            m, d = mean.iat[i, j], bad.iat[i, j]
+            notes[i, j] = "diverged" if m != m and d else ("" if m != m else f"{m:.3f}")
+            if d and m == m:
+                notes[i, j] += f"\n({d} diverged)"
+        cmap = "viridis" if DIRECTION.get(metric, "").startswith("higher") else "viridis_r"
+        sns.heatmap(
+            mean,
+            annot=notes,
+            fmt="",
+            cmap=cmap,
+            cbar=True,
+            ax=ax,
+            linewidths=0.5,
+            linecolor="white",
+            annot_kws={"fontsize": 8},
+            cbar_kws={"label": f"test {metric} ({DIRECTION.get(metric, '')})"},
+        )
+        ax.set_facecolor("0.85")  # NaN cells (every run diverged), which heatmap leaves bare
+        for i, j in zip(*np.nonzero(mean.isna().to_numpy() & (bad.to_numpy() > 0)), strict=True):
+            ax.text(j + 0.5, i + 0.5, "diverged", ha="center", va="center", fontsize=8)
+        title = f"{task}: {variant}" + (f", {setting}" if setting else "")
+        ax.set_title(title, fontsize=9)
+    for ax in list(grid.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(_seeds_note(labelled).replace("± sd ", ""), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _grid_points(runs: pd.DataFrame, ok: pd.DataFrame, x: str, path):
+    """One grid axis along x: the test metric per variant, mean ± sd over seeds; a panel's
+    title counts its diverged runs."""
+    g = sns.catplot(data=ok, x=x, y="test_metric", hue="variant", row="task",
+                    order=_ordered(runs[x]), kind="point", errorbar="sd",
+                    dodge=0.3 if ok["variant"].nunique() > 1 else False, sharey="row",
+                    height=3.0, aspect=1.4)  # fmt: skip
+    for task, ax in g.axes_dict.items():
         sel = runs[runs["task"] == task]
-        if col:
-            sel = sel[sel[col] == value]
         bad = int((sel["status"] == "diverged").sum())
-        ax.set_title(ax.get_title() + (f"\n{bad} of {len(sel)} runs diverged" if bad else ""))
+        metric = sel["metric"].iloc[0]
+        ax.set_title(f"{task}: test {metric} ({DIRECTION.get(metric, '')})"
+                     + (f"\n{bad} of {len(sel)} runs diverged" if bad else ""))  # fmt: skip
     g.set_axis_labels(x, "test metric")
-    _save(g, path)
+    g.figure.suptitle(_seeds_note(runs), y=1.02, fontsize=9)
+    return _save(g, path)
 
 
 def batch_norm_statistics(stats: pd.DataFrame, path) -> None:

@@ -102,6 +102,7 @@ class Progress:
     state: object = None  # the hidden state carried between chunks
     status: str = "running"
     step_times: list = field(default_factory=list)
+    train_tokens: int = 0  # time steps × sequences of the training batches
     loss_sum: float = 0.0
     loss_count: int = 0
     train_time: float = 0.0
@@ -219,6 +220,7 @@ def train(
                 st.epoch_train_time += dt
                 if len(st.step_times) < 10_000:
                     st.step_times.append(dt)
+                st.train_tokens += batches[b][0].shape[0] * batches[b][0].shape[1]
                 if budget and st.train_time > budget:
                     st.status, st.stop_step = "timeout", st.step
                     log(f"time budget of {budget} s used up at step {st.step}")
@@ -300,10 +302,14 @@ def _final_population(model, task, params, device, precision, st) -> None:
         population_statistics(model, task, params, device, precision)
 
 
-def peak_memory_mb(device) -> float:
+def peak_memory_mb(device) -> dict:
+    """The job's peak memory: the process's resident set (torch itself included, about 350 MB
+    on the CPU), and on a GPU the CUDA allocator's peak. The model's own memory (parameters,
+    activations kept for backward) is measured apart, by the evaluation."""
+    out = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _write_outputs(model, spec, task, params, st, device, model_path, history_path, info_path):
@@ -327,12 +333,14 @@ def _write_outputs(model, spec, task, params, st, device, model_path, history_pa
         "steps": st.step,
         "metric": task.metric,
         "train_seconds": st.train_time,
-        "seconds_per_step": statistics.median(times) if times else float("nan"),
+        # per training batch (forward, backward, update), median after the first steps
+        "train_seconds_per_batch": statistics.median(times) if times else float("nan"),
+        "train_tokens_per_s": st.train_tokens / st.train_time if st.train_time else float("nan"),
         "seconds_per_epoch": statistics.median(epoch_times) if epoch_times else float("nan"),
         "best_epoch": st.best_epoch,
         # the learning curve's mean height: how fast the run converged, not only where
         "valid_metric_mean": statistics.fmean(curve) if curve else float("nan"),
-        "peak_memory_mb": peak_memory_mb(device),
+        **peak_memory_mb(device),
         "device": str(device),
         "threads": torch.get_num_threads(),
         **st.route,  # the compute path of the training steps: numbers drift between paths

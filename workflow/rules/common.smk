@@ -123,6 +123,8 @@ def all_targets():
     for s in STUDIES:
         out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
         out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
+        if STUDY[s].get("paper"):
+            out.append(f"{RESULTS}/studies/{s}/reported.md")
     out += [f"{RESULTS}/bench/{name}.csv" for name in config.get("bench", {})]
     if any(STUDY[s].get("claims") for s in STUDIES):
         out.append(f"{RESULTS}/claims.md")
