@@ -199,18 +199,20 @@ def figure_job(smk):
     ``bn_statistics``, ``lengths`` or ``spectral``."""
     import pandas as pd
 
-    from . import plots, tables
+    from . import diagnostic_plots, plots, tables
 
     with logged(smk):
         figure, out, grid = smk.wildcards.figure, smk.output[0], list(smk.params.grid)
         if figure == "grid":
             plots.grid_metric(pd.read_csv(smk.input.runs), grid, out)
         elif figure == "spectral":
-            plots.spectral_norms(pd.read_csv(smk.input.runs), out)
+            diagnostic_plots.spectral_norms(pd.read_csv(smk.input.runs), out)
         elif figure == "bn_statistics":
-            plots.batch_norm_statistics(tables.batch_norm_statistics(smk.input.evals), out)
+            diagnostic_plots.batch_norm_statistics(
+                tables.batch_norm_statistics(smk.input.evals), out
+            )
         else:
             style = "train_lengths" if "train_lengths" in grid else "quant"
             data = tables.length_metrics(smk.input.evals, extra=grid)
-            plots.length_metrics(data, out, dict(smk.params.trained_len), style)
+            diagnostic_plots.length_metrics(data, out, dict(smk.params.trained_len), style)
         print(f"wrote {out}")

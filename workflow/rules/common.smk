@@ -23,7 +23,9 @@ STUDIES = [s["name"] for s in config["studies"]]
 STUDY = {s["name"]: s for s in config["studies"]}
 CODE_VERSION = nc.code_version()
 TABLES_CODE = nc.code_version(modules=("tables", "pipeline"), run_code=False)
-PLOTS_CODE = nc.code_version(modules=("plots", "pipeline"), run_code=False)
+PLOTS_CODE = nc.code_version(
+    modules=("plots", "diagnostic_plots", "tables", "pipeline"), run_code=False
+)
 # the bench times the run code's cells: its version covers them, with its own module
 BENCH_CODE = nc.code_version(modules=("bench", "plots"))
 DATA = config["data_dir"]
