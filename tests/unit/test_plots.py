@@ -151,3 +151,33 @@ def test_a_third_grid_axis_gets_panels_of_its_own(tmp_path):
     fig = plots.grid_metric(runs_of(grid), list(grid), tmp_path / "h.png")
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["digits: bn, optimizer=adam", "digits: bn, optimizer=sgd"]
+
+
+def test_lengths_figure_draws_each_training_mode_and_labels_t_max(tmp_path):
+    from normrnn import diagnostic_plots
+
+    lengths = pd.DataFrame(
+        [{"task": "chars", "norm": n, "quant": "fp", "seed": 1, "train_lengths": mode,
+          "length": L, "test_metric": 1.0 + 0.1 * i + L / 1000}
+         for n in ("bn", "ln") for i, mode in enumerate(["fixed", "variable"])
+         for L in (25, 50, 100)]
+    )  # fmt: skip
+    fig = diagnostic_plots.length_metrics(
+        lengths, tmp_path / "l.png", {"chars": 50}, "train_lengths"
+    )
+    (ax,) = fig.axes
+    curves = [line for line in ax.get_lines() if len(line.get_xdata()) == 3]
+    assert len(curves) == 4  # 2 norms × 2 training modes, none averaged
+    assert "T_max = 50" in [t.get_text() for t in ax.texts]
+
+
+def test_spectral_figure_labels_its_sqrt_h_line(tmp_path):
+    from normrnn import diagnostic_plots
+
+    runs = pd.DataFrame(
+        [{"task": "digits", "norm": n, "quant": q, "seed": 1, "sqrt_hidden": 8.0,
+          "lambda1_hh_quantized": 10.0 + i, "lambda1_hh_effective": 5.0 + i}
+         for i, (n, q) in enumerate([("none", "bc"), ("ln", "bc")])]
+    )  # fmt: skip
+    fig = diagnostic_plots.spectral_norms(runs, tmp_path / "s.png")
+    assert all("√H = 8.0" in [t.get_text() for t in ax.texts] for ax in fig.axes)

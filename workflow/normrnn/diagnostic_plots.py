@@ -13,7 +13,7 @@ import seaborn as sns  # noqa: E402
 from .plots import _placeholder, _save  # noqa: E402
 
 
-def batch_norm_statistics(stats: pd.DataFrame, path) -> None:
+def batch_norm_statistics(stats: pd.DataFrame, path):
     """The scale each batch norm divides by at step t (population) beside the scale of the
     test batch at t (batch), mean over features; rows = term (x: W_x x, h: W_h h, c: c_t).
     Statistics shared over time draw a flat population line through a batch curve that is
@@ -42,10 +42,10 @@ def batch_norm_statistics(stats: pd.DataFrame, path) -> None:
     )
     g.set(yscale="log")
     g.set_axis_labels("time step t", "scale (mean over units)")
-    _save(g, path)
+    return _save(g, path)
 
 
-def length_metrics(lengths: pd.DataFrame, path, trained_len: dict, style="quant") -> None:
+def length_metrics(lengths: pd.DataFrame, path, trained_len: dict, style="quant"):
     """Test metric against the test sequence length; a dotted line at each task's training
     length T_max. Colour = norm, dashes = ``style`` (a grid axis such as train_lengths, or
     the quantizer)."""
@@ -72,11 +72,20 @@ def length_metrics(lengths: pd.DataFrame, path, trained_len: dict, style="quant"
         ax.minorticks_off()
         if task in trained_len:
             ax.axvline(trained_len[task], color="grey", ls=":", lw=1)
+            ax.annotate(
+                f"T_max = {trained_len[task]}",
+                (trained_len[task], 1),
+                fontsize=8,
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -10),
+                textcoords="offset points",
+                color="grey",
+            )
     g.set_axis_labels("test sequence length", "test metric")
-    _save(g, path)
+    return _save(g, path)
 
 
-def spectral_norms(runs: pd.DataFrame, path) -> None:
+def spectral_norms(runs: pd.DataFrame, path):
     """λ1 of the trained recurrent matrix W_h per norm × quantizer: as quantized (left) and as
     the cell uses it, after the weight transforms of wn/normprop (right); log scale. The dotted
     line is sqrt(H), the smallest λ1 a ±1 matrix can have (BinaryConnect's bound); a
@@ -107,7 +116,17 @@ def spectral_norms(runs: pd.DataFrame, path) -> None:
     )
     g.set(yscale="log")
     for (task, _), ax in g.axes_dict.items():
-        ax.axhline(long.loc[long.task == task, "sqrt_hidden"].max(), color="grey", ls=":", lw=1)
+        root = long.loc[long.task == task, "sqrt_hidden"].max()
+        ax.axhline(root, color="grey", ls=":", lw=1)
+        ax.annotate(
+            f"√H = {root:.1f}",
+            (0, root),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, 3),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+        )
         ax.tick_params(axis="x", rotation=45)
     g.set_axis_labels("norm", "λ1 of W_h")
-    _save(g, path)
+    return _save(g, path)
