@@ -27,3 +27,14 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+# One target per study and per paper: `snakemake --cores all cooijmans2016` (--list-target-rules).
+for target, files in named_targets().items():
+
+    rule:
+        name:
+            target
+        input:
+            files,
+        localrule: True

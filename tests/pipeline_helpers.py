@@ -42,9 +42,9 @@ def snakemake(wf: Path, *args, config="config/test.yaml", check=True, timeout=60
     return proc
 
 
-def planned_jobs(wf: Path, config="config/test.yaml") -> list[tuple[str, dict]]:
-    """(rule, wildcards) of every job a dry run would execute."""
-    out = snakemake(wf, "-n", config=config).stdout
+def planned_jobs(wf: Path, *targets, config="config/test.yaml") -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job a dry run (of ``targets``, default all) would execute."""
+    out = snakemake(wf, "-n", *targets, config=config).stdout
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         m = re.match(r"(?:local)?rule (\w+):", block.strip())
@@ -80,6 +80,7 @@ BAD_CONFIGS = [
         "datasets.pydoc.source",
     ),
     ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
+    ("study named as a rule", lambda c: c["studies"][1].update(name="summary"), "studies[1].name"),
     ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
     (
         "unknown figure",

@@ -81,6 +81,26 @@ def test_default_config_lists_the_full_matrix(tmp_path):
     assert seconds < 60, f"dry run took {seconds:.1f} s"
 
 
+@pytest.mark.parametrize("target", ["cooijmans2016", "hou"])
+def test_a_paper_or_study_target_plans_exactly_its_jobs(tmp_path, target):
+    """`snakemake -n <paper>`: the studies that name the paper (``paper``, ``experiment_of``), each
+    of their runs and tables, nothing else (no other study, no summary, claims or bench)."""
+    from normrnn import config as nc
+
+    wf = workflow_copy(tmp_path)
+    write_config(wf, DEFAULT)
+    jobs = planned_jobs(wf, "--cores", "1", target)
+    names = {s["name"] for s in DEFAULT["studies"]
+             if target in (s["name"], s.get("paper"), s.get("experiment_of"))}  # fmt: skip
+    assert names == ({"cooijmans", "bn_gamma", "bn_gradflow"}
+                     if target == "cooijmans2016" else {"hou"})  # fmt: skip
+    assert {w["study"] for _, w in jobs if "study" in w} == names
+    runs = [k for k in nc.expand(nc.validate(copy.deepcopy(DEFAULT))) if k[0] in names]
+    assert sorted((w["study"], w["task"], w["run"]) for r, w in jobs if r == "train") == sorted(runs)
+    assert [r for r, _ in jobs if r == "tables"] == ["tables"] * len(names)
+    assert not {"summary", "claims", "bench"} & {r for r, _ in jobs}
+
+
 # What the dry run's train jobs must carry (the authors' protocols; recipes/*.yaml cites them).
 AUTHORS = {
     ("cooijmans", "seqmnist", "bn.fp.s1"): {

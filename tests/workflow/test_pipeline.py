@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline_helpers import (
     BAD_CONFIGS,
@@ -86,6 +87,10 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
     # the model's memory, not the process's: far below torch's own ~350 MB
     assert (df["param_mb"] < 1).all() and (df["activation_mb"] < df["process_peak_rss_mb"]).all()
     assert "seconds_per_step" not in df and "peak_memory_mb" not in df
+    # what produced each result (the test's copy of the workflow is no git checkout)
+    assert set(df["code_commit"]) == {"unknown"} and df["code_version"].nunique() == 1
+    assert set(df["torch_version"]) == {torch.__version__} and df["device_name"].notna().all()
+    assert (df["train_wall_s"] > 0).all() and (df["eval_wall_s"] > 0).all()
 
 
 def test_gradient_flow_is_recorded_at_init_and_after_training(done):

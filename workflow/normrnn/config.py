@@ -26,6 +26,9 @@ from .quantizers import QUANTIZERS
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 DATASET_KEYS = {"dataset", "report_as"}  # task keys that are not hyperparameters
 REQUIRED_HPARAMS = ("model", "hidden_size", "batch_size", "epochs", "lr")
+# The workflow's rules: a study (and a paper) is a target rule of its own name too.
+RULES = ("all", "fetch", "download", "prepare", "train", "tables", "reported", "plots",
+         "figure", "summary", "bench", "claims")  # fmt: skip
 # A study's optional figures (its ``figures`` key), each made by the rule ``figure``.
 FIGURES = ("grid", "bn_statistics", "lengths", "spectral")
 
@@ -209,6 +212,8 @@ def _check_names(config: dict) -> None:
         where = f"studies[{i}]"
         if study["name"] in seen:
             raise ConfigError(f"{where}.name: {study['name']!r} is used twice")
+        if study["name"] in RULES:  # a study's name is its target rule's
+            raise ConfigError(f"{where}.name: {study['name']!r} is the name of a rule")
         seen.add(study["name"])
         for j, t in enumerate(study["tasks"]):
             if t not in tasks:
@@ -363,7 +368,9 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
 
 
 # The package's files that decide no run's numbers: they table, plot, judge or time finished runs.
-OUTPUT_MODULES = ("tables", "plots", "diagnostic_plots", "claims", "bench", "overhead")
+OUTPUT_MODULES = (
+    "tables", "plots", "diagnostic_plots", "claims", "bench", "overhead", "provenance"
+)  # fmt: skip
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -65,13 +66,16 @@ def _setup(smk):
 
 def train_job(smk):
     """A run: training, then its test, in one process (evaluation.evaluate_run)."""
+    from . import provenance
     from .evaluation import evaluate_run
+    from .scoring import resolve_device
     from .training import train
 
     with logged(smk):
         _setup(smk)
         data_dir = Path(smk.input.meta).parent
         hp = {**smk.params.hp, "checkpoint_every": smk.resources.checkpoint_every}
+        started, t0 = provenance.now(), time.perf_counter()
         info = train(
             hp,
             data_dir,
@@ -83,7 +87,14 @@ def train_job(smk):
             log=lambda m: print(m, flush=True),
             code=smk.params.code,
         )
+        # what produced it (provenance.py): train.json and, through it, eval.json and the summary
+        info.update(
+            provenance.record(resolve_device(smk.params.device)), code_version=smk.params.code
+        )
+        info.update(started_at=started, train_wall_s=time.perf_counter() - t0)
+        Path(smk.output.info).write_text(json.dumps(info, indent=2))
         print(json.dumps(info))
+        t1 = time.perf_counter()
         result = evaluate_run(
             smk.output.model,
             smk.output.info,
@@ -92,6 +103,8 @@ def train_job(smk):
             dict(smk.params.run),
             device=smk.params.device,
         )
+        result.update(eval_wall_s=time.perf_counter() - t1, finished_at=provenance.now())
+        Path(smk.output.evaluation).write_text(json.dumps(result, indent=2, default=float))
         print(json.dumps(result, default=str))
 
 

@@ -116,17 +116,32 @@ def trained_lengths(study):
     }
 
 
-def all_targets():
+def study_targets(s):
     # every run's result too: Snakemake does not rerun a table whose inputs went missing (it
     # reads them as temporary files), so a run whose outputs a failure removed is asked for
     # by name, rebuilt, and its table and the summary follow by their inputs' times
-    out = [f"{RESULTS}/summary.csv"]
-    out += [f"{RESULTS}/runs/{s}/{t}/{r}/eval.json" for (s, t, r) in RUNS]
+    out = [f"{RESULTS}/runs/{s}/{t}/{r}/eval.json" for (s_, t, r) in RUNS if s_ == s]
+    out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
+    out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
+    if STUDY[s].get("paper"):
+        out.append(f"{RESULTS}/studies/{s}/reported.md")
+    return out
+
+
+def named_targets():
+    """A target rule per study (its name) and per paper (the studies that name it as their
+    ``paper`` or ``experiment_of``): `snakemake --cores all cooijmans2016`, `... hou`."""
+    out = {s: study_targets(s) for s in STUDIES}
     for s in STUDIES:
-        out += [f"{RESULTS}/studies/{s}/table.md", f"{RESULTS}/studies/{s}/curves.png"]
-        out += [f"{RESULTS}/studies/{s}/{f}.png" for f in STUDY[s].get("figures", [])]
-        if STUDY[s].get("paper"):
-            out.append(f"{RESULTS}/studies/{s}/reported.md")
+        for paper in {STUDY[s].get("paper"), STUDY[s].get("experiment_of")} - {None}:
+            out.setdefault(paper, []).extend(study_targets(s))
+    return out
+
+
+def all_targets():
+    out = [f"{RESULTS}/summary.csv"]
+    for s in STUDIES:
+        out += study_targets(s)
     out += [f"{RESULTS}/bench/{name}.csv" for name in config.get("bench", {})]
     if any(STUDY[s].get("claims") for s in STUDIES):
         out.append(f"{RESULTS}/claims.md")
