@@ -135,6 +135,8 @@ def test_two_grid_axes_become_a_heat_map_with_diverged_cells_marked(tmp_path):
     assert math.isnan(cells[1, 1]) and cells[1, 0] == pytest.approx(expected.values[1, 0])
     assert "diverged" in [t.get_text() for t in maps[0].texts]
     assert "diverged" not in [t.get_text() for t in maps[1].texts]
+    # one colour scale for the task's panels: equal colours mean equal numbers
+    assert maps[0].collections[0].get_clim() == maps[1].collections[0].get_clim()
 
 
 def test_one_grid_axis_is_the_x_axis_with_a_point_per_value(tmp_path):

@@ -96,7 +96,9 @@ def test_a_paper_or_study_target_plans_exactly_its_jobs(tmp_path, target):
                      if target == "cooijmans2016" else {"hou"})  # fmt: skip
     assert {w["study"] for _, w in jobs if "study" in w} == names
     runs = [k for k in nc.expand(nc.validate(copy.deepcopy(DEFAULT))) if k[0] in names]
-    assert sorted((w["study"], w["task"], w["run"]) for r, w in jobs if r == "train") == sorted(runs)
+    assert sorted((w["study"], w["task"], w["run"]) for r, w in jobs if r == "train") == sorted(
+        runs
+    )
     assert [r for r, _ in jobs if r == "tables"] == ["tables"] * len(names)
     assert not {"summary", "claims", "bench"} & {r for r, _ in jobs}
 

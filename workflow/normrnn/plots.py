@@ -303,11 +303,14 @@ def grid_metric(runs: pd.DataFrame, axes: list[str], path):
             if d and m == m:
                 notes[i, j] += f"\n({d} diverged)"
         cmap = "viridis" if DIRECTION.get(metric, "").startswith("higher") else "viridis_r"
+        scale = ok.loc[ok["task"] == task, "test_metric"]  # one colour scale per task
         sns.heatmap(
             mean,
             annot=notes,
             fmt="",
             cmap=cmap,
+            vmin=scale.min(),
+            vmax=scale.max(),
             cbar=True,
             ax=ax,
             linewidths=0.5,
