@@ -345,3 +345,24 @@ def test_a_killed_snakemake_leaves_a_lock_that_unlock_clears(tmp_path):
     snakemake(wf, "--cores", "1", "--rerun-incomplete")
     summary = pd.read_csv(wf / "results" / "summary.csv")
     assert len(summary) == 2 and summary["status"].eq("ok").all()
+
+
+def test_four_stand_in_gpus_run_eight_jobs_never_two_on_one(tmp_path):
+    """`--cores 8` on a host with four (stand-in) GPUs: each train job claims a device slot of
+    its own (gpu_slots.py), the gpu resource caps them at four at once, none shares a slot."""
+    import itertools
+    import json
+
+    wf = workflow_copy(tmp_path)
+    cfg = load_tiny()
+    cfg.update(device="auto", studies=[cfg["studies"][0]])  # alpha: eight runs
+    write_config(wf, cfg)
+    snakemake(wf, "--cores", "8", prefix=("env", "NORMRNN_GPU_SLOTS=4"))
+    runs = [json.loads(p.read_text()) for p in (wf / "results" / "runs").rglob("eval.json")]
+    assert len(runs) == 8 and {r["gpu_slot"] for r in runs} <= {0, 1, 2, 3}
+    held = [(r["gpu_slot"], r["slot_claimed_unix"], r["slot_released_unix"]) for r in runs]
+    for (slot_a, a0, a1), (slot_b, b0, b1) in itertools.combinations(held, 2):
+        assert slot_a != slot_b or a1 <= b0 or b1 <= a0, "two jobs held one slot at once"
+    starts = sorted(t for _, t, _ in held)
+    at_once = max(sum(a0 <= t < a1 for _, a0, a1 in held) for t in starts)
+    assert 2 <= at_once <= 4  # jobs did run side by side, never more than the GPUs

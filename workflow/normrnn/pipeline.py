@@ -65,8 +65,9 @@ def _setup(smk):
 
 
 def train_job(smk):
-    """A run: training, then its test, in one process (evaluation.evaluate_run)."""
-    from . import provenance
+    """A run: training, then its test, in one process (evaluation.evaluate_run), on a GPU slot
+    of its own where the host has several (gpu_slots)."""
+    from . import gpu_slots, provenance
     from .evaluation import evaluate_run
     from .scoring import resolve_device
     from .training import train
@@ -75,6 +76,9 @@ def train_job(smk):
         _setup(smk)
         data_dir = Path(smk.input.meta).parent
         hp = {**smk.params.hp, "checkpoint_every": smk.resources.checkpoint_every}
+        n = gpu_slots.visible_gpus() if smk.params.device in ("auto", "cuda") else 0
+        slot = gpu_slots.claim(n, log=lambda m: print(m, flush=True)) if n else None
+        device = gpu_slots.device_for(smk.params.device, slot)
         started, t0 = provenance.now(), time.perf_counter()
         info = train(
             hp,
@@ -83,15 +87,14 @@ def train_job(smk):
             smk.output.history,
             smk.output.info,
             smk.params.ckpt,
-            device=smk.params.device,
+            device=device,
             log=lambda m: print(m, flush=True),
             code=smk.params.code,
         )
         # what produced it (provenance.py): train.json and, through it, eval.json and the summary
-        info.update(
-            provenance.record(resolve_device(smk.params.device)), code_version=smk.params.code
-        )
+        info.update(provenance.record(resolve_device(device)), code_version=smk.params.code)
         info.update(started_at=started, train_wall_s=time.perf_counter() - t0)
+        info.update(gpu_slot=slot.index if slot else None)
         Path(smk.output.info).write_text(json.dumps(info, indent=2))
         print(json.dumps(info))
         t1 = time.perf_counter()
@@ -101,10 +104,14 @@ def train_job(smk):
             data_dir,
             smk.output.evaluation,
             dict(smk.params.run),
-            device=smk.params.device,
+            device=device,
         )
         result.update(eval_wall_s=time.perf_counter() - t1, finished_at=provenance.now())
+        if slot:  # when the slot was held, to the writing of the result (the tests read it)
+            result.update(slot_claimed_unix=slot.claimed_at, slot_released_unix=time.time())
         Path(smk.output.evaluation).write_text(json.dumps(result, indent=2, default=float))
+        if slot:
+            slot.release()
         print(json.dumps(result, default=str))
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from normrnn import config as nc  # noqa: E402
-from normrnn import worker  # noqa: E402
+from normrnn import gpu_slots, worker  # noqa: E402
 
 nc.validate(config)
 
@@ -93,6 +93,25 @@ def train_resources(key, default):
     return get
 
 
+# On this machine: one GPU per train job, and as many at once as there are GPUs
+# (gpu_slots.py gives each job its own). `--resources gpu=N` on the command line wins.
+VISIBLE_GPUS = gpu_slots.visible_gpus() if workflow.local_exec else 0
+if (
+    VISIBLE_GPUS
+    and config["device"] in ("auto", "cuda")
+    and "gpu" not in workflow.global_resources
+):
+    workflow.global_resources["gpu"] = VISIBLE_GPUS
+
+
+def gpus_per_train_job():
+    """The config's ``gpus_per_train_job``; 1 where it is 0 but the jobs run on this
+    machine's GPUs (``device`` auto or cuda), so that the gpu resource caps them."""
+    if config["gpus_per_train_job"] or not VISIBLE_GPUS:
+        return config["gpus_per_train_job"]
+    return 1 if config["device"] in ("auto", "cuda") else 0
+
+
 def bench_threads(wildcards):
     """Every core where the jobs run on this machine: the bench runs alone, so no job beside
     it moves its timings. Elsewhere (a cluster, or no cores given, as for --report) its
@@ -130,7 +149,8 @@ def study_targets(s):
 
 def named_targets():
     """A target rule per study (its name) and per paper (the studies that name it as their
-    ``paper`` or ``experiment_of``): `snakemake --cores all cooijmans2016`, `... hou`."""
+    ``paper`` or ``experiment_of``): `snakemake --cores all cooijmans2016`, `... hou`.
+    """
     out = {s: study_targets(s) for s in STUDIES}
     for s in STUDIES:
         for paper in {STUDY[s].get("paper"), STUDY[s].get("experiment_of")} - {None}:

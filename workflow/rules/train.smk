@@ -18,7 +18,7 @@ rule train:
         "../../envs/train.yaml"
     threads: config["threads_per_train_job"]
     resources:
-        gpu=config["gpus_per_train_job"],
+        gpu=gpus_per_train_job(),
         mem_mb=train_resources("mem_mb", 2000),
         runtime=train_resources("runtime_min", 60),
         # a setting of the job, not of its result: a resource changes no params
