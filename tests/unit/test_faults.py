@@ -409,3 +409,25 @@ def test_written_files_keep_the_umasks_mode_and_other_errors_pass_as_they_are(tm
     with pytest.raises(WriteError, match=r"c\.bin: could not be written: \[Errno 5\] boom"):
         write_atomic(tmp_path / "c.bin", lambda f: (_ for _ in ()).throw(OSError(5, "boom")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_the_log_shows_progress_with_throughput_and_an_eta(tmp_path, digits_dir, monkeypatch):
+    """Each epoch's line, and a line at least every PROGRESS_EVERY_S within an epoch, say the
+    epoch, the step of all steps, the loss, tokens/s and the time left."""
+    import re
+
+    from normrnn import training
+
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)  # a line after every step
+    lines = []
+    params = {**PARAMS, "epochs": 2, "max_batches": 3}
+    training.train(params, digits_dir, tmp_path / "m.pt", tmp_path / "h.csv", tmp_path / "t.json",
+                   tmp_path / "ckpt", device="cpu", log=lines.append)  # fmt: skip
+    pattern = r"epoch (\d)/2 step (\d+)/6 loss [\d.]+ [\d,]+ tokens/s ETA (\d+):(\d\d):(\d\d)"
+    progress = [re.search(pattern, line) for line in lines]
+    progress = [m for m in progress if m]
+    assert len(progress) == 2 * 3 + 2  # every step, and each epoch's end
+    steps = [int(m.group(2)) for m in progress]
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert progress[-1].group(3, 4, 5) == ("0", "00", "00")  # nothing left at the end
+    assert [int(m.group(1)) for m in progress][:4] == [1, 1, 1, 1]

@@ -20,6 +20,7 @@ written like any other run's.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import resource
@@ -186,6 +187,7 @@ def train(
     every = params.get("checkpoint_every", 0)
     max_batches = params.get("max_batches", 0)
     valid_statistics = params.get("valid_statistics", "population")
+    last_report = time.perf_counter()
     try:
         while st.status == "running" and st.epoch < params["epochs"]:
             model.train()
@@ -221,6 +223,9 @@ def train(
                 if len(st.step_times) < 10_000:
                     st.step_times.append(dt)
                 st.train_tokens += batches[b][0].shape[0] * batches[b][0].shape[1]
+                if time.perf_counter() - last_report > PROGRESS_EVERY_S:  # the job's live log
+                    last_report = time.perf_counter()
+                    log(progress_line(st, value, len(batches), params["epochs"]))
                 if budget and st.train_time > budget:
                     st.status, st.stop_step = "timeout", st.step
                     log(f"time budget of {budget} s used up at step {st.step}")
@@ -256,7 +261,10 @@ def train(
                 " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                 )
+                + " | "
+                + progress_line(st, row["train_loss"], len(batches), params["epochs"])
             )
+            last_report = time.perf_counter()
             value = getattr(score, select_on)
             if value < st.best:  # (NaN never is)
                 st.best, st.best_epoch = value, st.epoch + 1
@@ -300,6 +308,23 @@ def _final_population(model, task, params, device, precision, st) -> None:
     are estimated for it when it is tested (evaluation.py)."""
     if params.get("population_stats", "dataset") == "dataset":
         population_statistics(model, task, params, device, precision)
+
+
+PROGRESS_EVERY_S = 60  # a progress line in the job's log at least this often
+
+
+def progress_line(st: Progress, loss: float, per_epoch: int, epochs: int) -> str:
+    """Where a run is and when it will end: epoch, step, loss, tokens/s of training and an
+    ETA from the mean time per step so far (validation not counted)."""
+    total = per_epoch * epochs
+    left = max(0, total - st.step)
+    rate = st.train_time / st.step if st.step else 0.0
+    eta = datetime.timedelta(seconds=round(left * rate))
+    tokens = st.train_tokens / st.train_time if st.train_time else 0.0
+    return (
+        f"epoch {st.epoch + 1}/{epochs} step {st.step}/{total} loss {loss:.4g} "
+        f"{tokens:,.0f} tokens/s ETA {eta} (training steps only)"
+    )
 
 
 def peak_memory_mb(device) -> dict:
