@@ -369,7 +369,7 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
 
 # The package's files that decide no run's numbers: they table, plot, judge or time finished runs.
 OUTPUT_MODULES = (
-    "tables", "plots", "diagnostic_plots", "claims", "bench", "overhead", "provenance"
+    "tables", "plots", "diagnostic_plots", "claims", "bench", "overhead", "provenance", "plan"
 )  # fmt: skip
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
 
