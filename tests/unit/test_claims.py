@@ -172,3 +172,20 @@ def test_a_claim_reads_the_column_it_names():
     )
     assert got["test"][0] == "not significant"
     assert got["curve"][0] == "holds" and got["curve"][1].startswith("valid_metric_mean: bn 0.610")
+
+
+def test_a_claim_on_a_time_reads_lower_as_better():
+    """ "Normprop is faster per epoch than BN": a time column's direction, not the metric's."""
+    df = runs(variant("normprop", "fp", [0.5] * 3) + variant("bn", "fp", [0.5] * 3))
+    df["seconds_per_epoch"] = [10.0, 10.5, 9.5, 20.0, 21.0, 19.0]
+    df["train_tokens_per_s"] = [200.0, 210.0, 190.0, 100.0, 105.0, 95.0]
+    faster = {"better": {"norm": "normprop"}, "than": {"norm": "bn"}}
+    slower = {"better": {"norm": "bn"}, "than": {"norm": "normprop"}}
+    got = verdicts(
+        [{"says": "faster", **faster, "column": "seconds_per_epoch"},
+         {"says": "slower", **slower, "column": "seconds_per_epoch"},
+         {"says": "throughput", **faster, "column": "train_tokens_per_s"}], df
+    )  # fmt: skip
+    assert got["faster"][0] == "holds" and "+10.000 in the claimed direction" in got["faster"][1]
+    assert got["slower"][0] == "fails"
+    assert got["throughput"][0] == "holds"

@@ -33,6 +33,17 @@ import pandas as pd
 from .tables import welch_p
 
 HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "perplexity": False}
+# A claim on another column than the metric reads it in that column's direction (times and
+# memory: lower is better; throughputs: higher). Times are the jobs' own, beside other jobs.
+COLUMN_HIGHER_IS_BETTER = {
+    "seconds_per_epoch": False,
+    "train_seconds_per_batch": False,
+    "infer_seconds_per_batch": False,
+    "train_tokens_per_s": True,
+    "infer_tokens_per_s": True,
+    "activation_mb": False,
+    "param_mb": False,
+}
 VARIANT = ("task", "norm", "quant")
 
 
@@ -87,7 +98,8 @@ def compare(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
     )
     if a.empty or b.empty:
         return "fails" if a.empty and not b.empty else "not significant", evidence
-    sign = 1 if HIGHER_IS_BETTER.get(better["metric"].iloc[0], True) else -1
+    higher = COLUMN_HIGHER_IS_BETTER.get(on, HIGHER_IS_BETTER.get(better["metric"].iloc[0], True))
+    sign = 1 if higher else -1
     diff = sign * (a.mean() - b.mean())
     spread = max(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
     margin = claim.get("margin", 0.0)
