@@ -355,7 +355,7 @@ def test_four_stand_in_gpus_run_eight_jobs_never_two_on_one(tmp_path):
 
     wf = workflow_copy(tmp_path)
     cfg = load_tiny()
-    cfg.update(device="auto", studies=[cfg["studies"][0]])  # alpha: eight runs
+    cfg.update(device="auto", studies=[cfg["studies"][0]], deterministic=True)  # alpha: 8 runs
     write_config(wf, cfg)
     snakemake(wf, "--cores", "8", prefix=("env", "NORMRNN_GPU_SLOTS=4"))
     runs = [json.loads(p.read_text()) for p in (wf / "results" / "runs").rglob("eval.json")]
@@ -366,3 +366,4 @@ def test_four_stand_in_gpus_run_eight_jobs_never_two_on_one(tmp_path):
     starts = sorted(t for _, t, _ in held)
     at_once = max(sum(a0 <= t < a1 for _, a0, a1 in held) for t in starts)
     assert 2 <= at_once <= 4  # jobs did run side by side, never more than the GPUs
+    assert all(r["deterministic"] is True for r in runs)  # the config's switch, recorded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -62,6 +63,10 @@ def _setup(smk):
 
     torch.set_num_threads(max(1, int(smk.threads)))
     keep_freed_memory()
+    if smk.params.get("deterministic"):  # the config's switch: same numbers, run after run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (before CUDA starts)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 def train_job(smk):

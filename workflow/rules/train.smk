@@ -28,6 +28,7 @@ rule train:
         code=CODE_VERSION,
         ckpt=lambda w: f"{RESULTS}/checkpoints/{w.study}/{w.task}/{w.run}",
         device=config["device"],
+        deterministic=config["deterministic"],
         run=run_record,
     script:
         "../scripts/job.py"
