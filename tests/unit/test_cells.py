@@ -390,7 +390,7 @@ def test_a_stack_of_layers_reuses_one_workspace_per_layer(monkeypatch):
     workspaces (a pool keeping one per shape would allocate afresh for one layer per step)."""
     from normrnn import sequence
 
-    monkeypatch.setattr(sequence, "POOL", POOL := sequence.WorkspacePool())
+    monkeypatch.setattr(sequence.workspace, "POOL", POOL := sequence.WorkspacePool())
     model = build_model(
         "classifier", num_classes=2, hidden_size=8, input_size=8, num_layers=2, norm="ln"
     )
@@ -409,7 +409,7 @@ def test_inference_gives_its_workspace_back(cell, monkeypatch):
     still reports that the parameters need gradients there)."""
     from normrnn import sequence
 
-    monkeypatch.setattr(sequence, "POOL", POOL := sequence.WorkspacePool())
+    monkeypatch.setattr(sequence.workspace, "POOL", POOL := sequence.WorkspacePool())
     layer = sequence_layer(cell=cell).eval()
     with torch.no_grad():
         for _ in range(3):

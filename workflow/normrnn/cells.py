@@ -14,7 +14,7 @@ Three paths compute the same function; ``layer.path`` names the one a layer take
   (oneDNN on CPU, cuDNN on GPU), with autograd through the quantizer and the weight norm;
 * ``sequence``, for a norm whose steps have a hand-written form (``CellNorm.recurrence``: every
   norm here): the whole recurrence is one autograd node with a hand-written backward
-  (``sequence.py``).
+  (``sequence/``).
 
 The loop serves what the others do not: masked batch statistics (a ``mask`` on the sequence
 path), low-precision arithmetic under autocast, and recording hidden states for diagnostics,
@@ -55,7 +55,7 @@ class RecurrentLayer(nn.Module):
 
     gates = 1
     candidate_block = 0  # the gate block of the candidate (identity under hh_init identity)
-    has_sequence = True  # a sequence Function exists (sequence.py)
+    has_sequence = True  # a sequence Function exists (sequence/)
 
     def __init__(
         self,

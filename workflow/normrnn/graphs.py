@@ -1,4 +1,4 @@
-"""CUDA graphs for the hand-written recurrence's step loops (``sequence.py``).
+"""CUDA graphs for the hand-written recurrence's step loops (``sequence/``).
 
 On a GPU a step of the recurrence is a dozen small kernels, and launching them from Python
 costs more than running them: at H=1000 the sequence path spent about four fifths of its time

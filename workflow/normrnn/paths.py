@@ -2,7 +2,7 @@
 and recorded on the layer (``layer.route``), where the bench and the tests read it.
 
 * ``path``: ``fused`` (norms that only transform the weights: torch's LSTM/GRU kernels),
-  ``sequence`` (the hand-written recurrence, ``sequence.py``) or ``loop`` (the reference:
+  ``sequence`` (the hand-written recurrence, ``sequence/``) or ``loop`` (the reference:
   Python steps over the norm's hooks). A layer's own path (``layer.path``, fixed when it is
   built) unless the call needs the loop: ``why`` then says what (recorded hidden states,
   autocast, a mask on the sequence path).

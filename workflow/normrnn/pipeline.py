@@ -63,7 +63,7 @@ def _setup(smk):
 
     torch.set_num_threads(max(1, int(smk.threads)))
     keep_freed_memory()
-    if smk.params.get("deterministic"):  # the config's switch: same numbers, run after run
+    if getattr(smk.params, "deterministic", False):  # the config's switch: the same numbers
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (before CUDA starts)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False

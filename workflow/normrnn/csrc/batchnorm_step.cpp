@@ -2,7 +2,7 @@
 // loops: each op of the torch form is a pass over the step and a dispatch of a few µs, and
 // at the sizes of a recurrent step (64 x 400) those, not the arithmetic, set the speed.
 // Compiled and loaded by normrnn/native.py (ctypes); the math is BatchNormTerm's and its
-// subclasses' (norms.py), held to it and to autograd by tests/test_native.py.
+// subclasses' (norms/batch.py), held to it and to autograd by tests/unit/test_native.py.
 //
 // A call covers `steps` consecutive steps, each a row-major (batch, features) block; a
 // feature's statistics are taken over its column. Scale estimators (kind):

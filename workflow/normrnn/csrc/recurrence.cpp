@@ -1,10 +1,10 @@
-// The LSTM and GRU recurrences of the sequence path (normrnn/sequence.py) as one compiled
+// The LSTM and GRU recurrences of the sequence path (normrnn/sequence/) as one compiled
 // loop each way: at the sequential-MNIST size (B=64, H=100) a step in torch's ops is two dozen
 // calls of 5-15 µs each, several times the arithmetic. Here a step is one matrix product
 // through the BLAS that torch links (its gemm's address comes from Python) and a few passes
 // over the step's gates. The math is that of _lstm_forward/_lstm_backward and
-// _gru_forward/_gru_backward in sequence.py; tests/test_recurrence.py holds this loop to them,
-// to float64 and to finite differences.
+// _gru_forward/_gru_backward in sequence/lstm.py and sequence/gru.py;
+// tests/unit/test_recurrence.py holds this loop to them, to float64 and to finite differences.
 //
 // Terms (the norms of W_h h_{t-1} and, in the LSTM, of c_t), by kind:
 //   -1 none;  0, 1, 2 batch norm with per-step statistics over the batch, estimator as in

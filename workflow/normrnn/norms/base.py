@@ -47,7 +47,7 @@ class Recurrence:
     ``stepwise`` is false); the cell input is ``candidate_scale · tanh(g)``, the cell
     ``c_t = carry_scale · σ(f) c_{t-1} + σ(i) · cell input`` and the output
     ``h_t = σ(o) · output_scale · tanh(cell_scale · c_t)`` (normalization propagation's
-    rescaling; the compiled loop runs ``carry_scale`` 1 only). ``sequence.py`` runs it."""
+    rescaling; the compiled loop runs ``carry_scale`` 1 only). ``sequence/`` runs it."""
 
     input: nn.Module | None = None
     hidden: nn.Module | None = None
@@ -95,7 +95,7 @@ class CellNorm(nn.Module):
         """Called by the layer after its time loop (batch norms write their statistics)."""
 
     def recurrence(self) -> Recurrence | None:
-        """The per-step hooks in the form the hand-written LSTM recurrence (``sequence.py``)
+        """The per-step hooks in the form the hand-written LSTM recurrence (``sequence/lstm.py``)
         runs, or None if it cannot (the layer then loops over the hooks)."""
         return Recurrence() if self.weight_only else None
 
