@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from normrnn import config as nc
+from normrnn import versions
 from pipeline_helpers import BAD_CONFIGS, load_tiny
 
 
@@ -35,25 +36,25 @@ def test_code_versions_follow_the_files_that_decide_their_outputs(tmp_path):
     package = tmp_path / "normrnn"
     shutil.copytree(Path(nc.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
 
-    def versions():
+    def three():
         return (
-            nc.code_version(package),
-            nc.code_version(package, modules=("bench", "plots")),
-            nc.code_version(package, modules=("tables", "pipeline"), run_code=False),
+            versions.code_version(package),
+            versions.code_version(package, modules=("bench", "plots")),
+            versions.code_version(package, modules=("tables", "pipeline"), run_code=False),
         )
 
-    before = versions()
+    before = three()
     with open(package / "csrc" / "recurrence.cpp", "a") as f:
         f.write("\n")
-    after_cpp = versions()
+    after_cpp = three()
     assert after_cpp[0] != before[0] and after_cpp[1] != before[1] and after_cpp[2] == before[2]
     with open(package / "tables.py", "a") as f:
         f.write("\n")
-    after_tables = versions()
+    after_tables = three()
     assert after_tables[:2] == after_cpp[:2] and after_tables[2] != after_cpp[2]
     with open(package / "bench.py", "a") as f:
         f.write("\n")
-    assert versions()[0] == after_tables[0] and versions()[1] != after_tables[1]
+    assert three()[0] == after_tables[0] and three()[1] != after_tables[1]
 
 
 def test_cuda_without_a_device_is_refused_by_name(monkeypatch):

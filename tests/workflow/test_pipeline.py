@@ -243,15 +243,16 @@ def test_a_changed_byte_of_the_compiled_loop_reruns_every_training(done, tmp_pat
     import yaml
 
     from normrnn import config as nc
+    from normrnn import versions
     from normrnn.checkpoint import Checkpointer, fingerprint
 
     wf = tmp_path / "wf"
     shutil.copytree(done, wf, symlinks=True)
     package = wf / "workflow" / "normrnn"
-    old_code = nc.code_version(package)
+    old_code = versions.code_version(package)
     with open(package / "csrc" / "recurrence.cpp", "a") as f:
         f.write("\n")
-    assert nc.code_version(package) != old_code
+    assert versions.code_version(package) != old_code
     trains = [w for r, w in planned_jobs(wf) if r == "train"]
     assert len(trains) == N_RUNS
     run = trains[0]

@@ -8,7 +8,6 @@ run's task, dataset kind, norm and quantizer) ⊕ the study's ``overrides`` ⊕ 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import re
@@ -365,40 +364,6 @@ def expand(config: dict) -> dict[tuple[str, str, str], Run]:
                 )
                 runs[run.key] = run
     return runs
-
-
-# The package's files that decide no run's numbers: they table, plot, judge or time finished runs.
-OUTPUT_MODULES = (
-    "tables", "plots", "diagnostic_plots", "claims", "bench", "overhead", "provenance", "plan"
-)  # fmt: skip
-SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
-
-
-def run_code_files(package_dir: str | Path | None = None) -> list[Path]:
-    """Every file of the package that decides a run's numbers (training and evaluation): its
-    modules but :data:`OUTPUT_MODULES`, the compiled loops' C++ sources and the recipes; a new
-    module counts by itself."""
-    package_dir = Path(package_dir or Path(__file__).parent)
-    files = [p for p in package_dir.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()]
-    skip = {package_dir / f"{m}.py" for m in OUTPUT_MODULES}
-    return sorted(p for p in files if p not in skip and "__pycache__" not in p.parts)
-
-
-def code_version(package_dir: str | Path | None = None, modules=(), run_code=True) -> str:
-    """A hash of the files that decide a run's numbers (:func:`run_code_files`, unless
-    ``run_code`` is false) and of the named ``modules``: train jobs carry it as a param, so
-    editing the model, training or evaluation code (C++ included) reruns the runs and refuses
-    their old checkpoints (Snakemake's params rerun trigger; the checkpoint's fingerprint),
-    while editing tables, plots or docs does not. The bench's adds its own module to the run
-    code (it times the same cells); tables' and plots' hash their modules only."""
-    package_dir = Path(package_dir or Path(__file__).parent)
-    paths = run_code_files(package_dir) if run_code else []
-    paths = sorted({*paths, *(package_dir / f"{m}.py" for m in modules)})
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(str(path.relative_to(package_dir)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def load(path: str | Path) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from normrnn import config as nc  # noqa: E402
-from normrnn import gpu_slots, worker  # noqa: E402
+from normrnn import gpu_slots, versions, worker  # noqa: E402
 
 nc.validate(config)
 
@@ -21,13 +21,13 @@ config["reported"] = in_workflow(config["reported"])
 RUNS = nc.expand(config)
 STUDIES = [s["name"] for s in config["studies"]]
 STUDY = {s["name"]: s for s in config["studies"]}
-CODE_VERSION = nc.code_version()
-TABLES_CODE = nc.code_version(modules=("tables", "pipeline"), run_code=False)
-PLOTS_CODE = nc.code_version(
+CODE_VERSION = versions.code_version()
+TABLES_CODE = versions.code_version(modules=("tables", "pipeline"), run_code=False)
+PLOTS_CODE = versions.code_version(
     modules=("plots", "diagnostic_plots", "tables", "pipeline"), run_code=False
 )
 # the bench times the run code's cells: its version covers them, with its own module
-BENCH_CODE = nc.code_version(modules=("bench", "plots"))
+BENCH_CODE = versions.code_version(modules=("bench", "plots"))
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 PREPARED = ["train.pt", "valid.pt", "test.pt", "meta.json"]
