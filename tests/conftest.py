@@ -27,7 +27,7 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """Sequential digits in the prepared format (from scikit-learn's copy, no network)."""
-    from normrnn.data import fetch, prepare
+    from normrnn.pipeline.data import fetch, prepare
 
     tmp = tmp_path_factory.mktemp("digits")
     fetch("sklearn_digits", tmp / "raw")
@@ -37,7 +37,7 @@ def digits_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chars_dir(tmp_path_factory) -> Path:
-    from normrnn.data import fetch, prepare
+    from normrnn.pipeline.data import fetch, prepare
 
     tmp = tmp_path_factory.mktemp("chars")
     fetch("cpython_pydoc", tmp / "raw")
@@ -59,10 +59,10 @@ def server():
 
 @pytest.fixture(params=["compiled", "torch"])
 def bn_steps(request, monkeypatch) -> str:
-    """The batch norms' steps compiled (``normrnn.native``) or in torch's ops: a test that
+    """The batch norms' steps compiled (``normrnn.compute.native``) or in torch's ops: a test that
     takes this fixture runs both ways. Where a C++ compiler is, the compiled steps must
     build."""
-    from normrnn import native
+    from normrnn.compute import native
 
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)

@@ -1,9 +1,9 @@
 """The tests' lists of norms, read from the registry and from what each norm's cell says of
 itself (a new norm joins the lists that fit it without an edit here)."""
 
-from normrnn.cells import CELLS
-from normrnn.norms import NORMS, Recurrence, uses_batch_norm
-from normrnn.sequence import loop_form
+from normrnn.compute.sequence import loop_form
+from normrnn.methods.cells import CELLS
+from normrnn.methods.norms import NORMS, Recurrence, uses_batch_norm
 
 SEQUENCE_CELLS = [c for c in sorted(CELLS) if CELLS[c].has_sequence]
 

@@ -1,6 +1,6 @@
 """A short training run on sequential digits, as the fault and GPU tests start it."""
 
-from normrnn.training import train
+from normrnn.pipeline.training import train
 
 PARAMS = {
     "model": "classifier", "hidden_size": 16, "batch_size": 32, "epochs": 3, "lr": 0.01,

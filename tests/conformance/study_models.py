@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from normrnn import config as nc
-from normrnn.models import build_model
-from normrnn.training import model_spec
+from normrnn.methods.models import build_model
+from normrnn.pipeline import config as nc
+from normrnn.pipeline.training import model_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())

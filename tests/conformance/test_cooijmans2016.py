@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from study_models import assert_close, blocks, leaves, study_model, study_params
 
-from normrnn.norms import estimate_population_statistics
-from normrnn.optim import make_optimizer, parameter_groups
+from normrnn.methods.norms import estimate_population_statistics
+from normrnn.pipeline.optim import make_optimizer, parameter_groups
 
 THEIRS = (2, 1, 0, 3)  # our gate blocks (i, f, g, o) in the authors' order (g, f, i, o)
 H, B, T, V = 6, 8, 12, 7

@@ -15,8 +15,13 @@ import torch
 import torch.nn.functional as F
 from study_models import assert_close, leaves, study_model, study_params
 
-from normrnn.diagnostics import largest_singular_value
-from normrnn.optim import make_optimizer, make_scheduler, parameter_groups, recurrent_weights
+from normrnn.pipeline.diagnostics import largest_singular_value
+from normrnn.pipeline.optim import (
+    make_optimizer,
+    make_scheduler,
+    parameter_groups,
+    recurrent_weights,
+)
 
 H, B, T, V = 5, 8, 6, 7
 METHOD = {"fp": None, "bc": "binary_connect", "tc": "ternary_connect"}

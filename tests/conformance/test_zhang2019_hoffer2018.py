@@ -12,9 +12,9 @@ import ref_zhang2019
 import torch
 from study_models import assert_close, blocks, leaves, study_params
 
-from normrnn.cells import CELLS
-from normrnn.norms import NORMS
-from normrnn.training import norm_options
+from normrnn.methods.cells import CELLS
+from normrnn.methods.norms import NORMS
+from normrnn.pipeline.training import norm_options
 
 H, B, T, IN = 5, 9, 6, 4
 ZHANG = (0, 1, 3, 2)  # our gate blocks (i, f, g, o) in Zhang's order (i, f, o, c~)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-from normrnn import bench, memory, native, plots
-from normrnn.diagnostics import saved_bytes
+from normrnn.compute import memory, native
+from normrnn.outputs import bench, plots
+from normrnn.pipeline.diagnostics import saved_bytes
 
 
 def test_saved_bytes_counts_what_autograd_keeps():
@@ -25,7 +26,7 @@ def test_saved_bytes_counts_the_sequence_paths_own_buffers():
     """The sequence path keeps its activations in a workspace beside autograd: a memory
     figure without them would favour it. At least the gates (T, B, 4H), c_t, tanh(c_t) and
     h_t must count (here ~3x what the layer's autograd tensors come to)."""
-    from normrnn.cells import LSTMLayer
+    from normrnn.methods.cells import LSTMLayer
 
     layer = LSTMLayer(2, 16, norm="normprop", max_steps=10)
     assert layer.path == "sequence"

@@ -7,19 +7,11 @@ from path_helpers import FAST, MODES, assert_same, default_path, run_path
 from registry_lists import SEQUENCE_CELLS, batch_norms
 from torch.func import functional_call
 
-from normrnn import (
-    CELLS,
-    NORMS,
-    QUANTIZERS,
-    UnknownNameError,
-    build_model,
-    model_bits,
-    native,
-    sequence,
-)
-from normrnn.diagnostics import recording
-from normrnn.norms import BatchNormTerm
-from normrnn.optim import make_optimizer, update_preconditioners
+from normrnn import CELLS, NORMS, QUANTIZERS, UnknownNameError, build_model, model_bits
+from normrnn.compute import native, sequence
+from normrnn.methods.norms import BatchNormTerm
+from normrnn.pipeline.diagnostics import recording
+from normrnn.pipeline.optim import make_optimizer, update_preconditioners
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +99,7 @@ def test_a_term_without_a_step_makes_the_layer_loop(monkeypatch):
     """A new normalization needs only its forward: without ``step`` the layer loops. So does
     a batch norm with a new scale estimator but no gradient of it (the closed-form step would
     otherwise use its parent's gradient: a wrong one)."""
-    from normrnn.norms import GroupLayerNorm, L1BatchNorm, TermNorm, _activation
+    from normrnn.methods.norms import GroupLayerNorm, L1BatchNorm, TermNorm, _activation
 
     monkeypatch.setattr(GroupLayerNorm, "step", TermNorm.step)
     assert default_path("lstm", "ln") == default_path("gru", "ln") == "loop"
@@ -321,7 +313,7 @@ def test_training_reduces_loss_for_every_pair(quant):
 
 
 def test_gamma_init_axis_reaches_the_activation_norms_only():
-    from normrnn.training import norm_options
+    from normrnn.pipeline.training import norm_options
 
     assert norm_options({"norm": "bn", "gamma_init": 0.5}) == {"gamma_init": 0.5}
     assert norm_options({"norm": "ln", "gamma_init": 0.5, "norm_opts": {"ln": {"eps": 1e-3}}}) == {
@@ -388,7 +380,7 @@ def test_sequence_path_refuses_a_backward_whose_buffers_were_reused(cell):
 def test_a_stack_of_layers_reuses_one_workspace_per_layer(monkeypatch):
     """Two layers of one shape: each training step after the first reuses the same two
     workspaces (a pool keeping one per shape would allocate afresh for one layer per step)."""
-    from normrnn import sequence
+    from normrnn.compute import sequence
 
     monkeypatch.setattr(sequence.workspace, "POOL", POOL := sequence.WorkspacePool())
     model = build_model(
@@ -407,7 +399,7 @@ def test_a_stack_of_layers_reuses_one_workspace_per_layer(monkeypatch):
 def test_inference_gives_its_workspace_back(cell, monkeypatch):
     """Under no_grad no backward comes to give the workspace back: the forward does (autograd
     still reports that the parameters need gradients there)."""
-    from normrnn import sequence
+    from normrnn.compute import sequence
 
     monkeypatch.setattr(sequence.workspace, "POOL", POOL := sequence.WorkspacePool())
     layer = sequence_layer(cell=cell).eval()

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from normrnn.claims import check
+from normrnn.outputs.claims import check
 
 
 def runs(rows, metric="accuracy"):
@@ -124,7 +124,7 @@ def test_fewer_than_three_seeds_are_not_tested(n):
 def test_a_claim_selecting_outside_its_study_is_a_config_error(claim, key):
     import copy
 
-    from normrnn.config import ConfigError, validate
+    from normrnn.pipeline.config import ConfigError, validate
     from pipeline_helpers import load_tiny
 
     cfg = copy.deepcopy(load_tiny())

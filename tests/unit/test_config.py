@@ -3,13 +3,12 @@ decide what reruns."""
 
 import copy
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
-from normrnn import config as nc
-from normrnn import versions
+from normrnn.pipeline import config as nc
+from normrnn.pipeline import versions
 from pipeline_helpers import BAD_CONFIGS, load_tiny
 
 
@@ -34,25 +33,27 @@ def test_code_versions_follow_the_files_that_decide_their_outputs(tmp_path):
     """A byte of the compiled loop changes the runs' and the bench's code version, not the
     tables'; a byte of the tables' module changes only theirs."""
     package = tmp_path / "normrnn"
-    shutil.copytree(Path(nc.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(versions.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
 
     def three():
         return (
             versions.code_version(package),
-            versions.code_version(package, modules=("bench", "plots")),
-            versions.code_version(package, modules=("tables", "pipeline"), run_code=False),
+            versions.code_version(package, modules=("outputs.bench", "outputs.plots")),
+            versions.code_version(
+                package, modules=("outputs.tables", "pipeline.jobs"), run_code=False
+            ),
         )
 
     before = three()
-    with open(package / "csrc" / "recurrence.cpp", "a") as f:
+    with open(package / "compute" / "csrc" / "recurrence.cpp", "a") as f:
         f.write("\n")
     after_cpp = three()
     assert after_cpp[0] != before[0] and after_cpp[1] != before[1] and after_cpp[2] == before[2]
-    with open(package / "tables.py", "a") as f:
+    with open(package / "outputs" / "tables.py", "a") as f:
         f.write("\n")
     after_tables = three()
     assert after_tables[:2] == after_cpp[:2] and after_tables[2] != after_cpp[2]
-    with open(package / "bench.py", "a") as f:
+    with open(package / "outputs" / "bench.py", "a") as f:
         f.write("\n")
     assert three()[0] == after_tables[0] and three()[1] != after_tables[1]
 
@@ -60,7 +61,7 @@ def test_code_versions_follow_the_files_that_decide_their_outputs(tmp_path):
 def test_cuda_without_a_device_is_refused_by_name(monkeypatch):
     import torch
 
-    from normrnn.scoring import resolve_device
+    from normrnn.pipeline.scoring import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from normrnn.data import DataError, fetch, lm_batches, load_meta, load_split, prepare
+from normrnn.pipeline.data import DataError, fetch, lm_batches, load_meta, load_split, prepare
 
 
 def test_digits_are_64_step_sequences_with_fixed_splits(digits_dir):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from normrnn import build_model
-from normrnn.cells import LSTMLayer
-from normrnn.diagnostics import (
+from normrnn.methods.cells import LSTMLayer
+from normrnn.pipeline.diagnostics import (
     gradient_norms,
     hidden_gradient_norms,
     largest_singular_value,

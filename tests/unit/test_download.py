@@ -3,8 +3,8 @@
 import pytest
 from standins import closed_port_url, md5
 
-from normrnn.data import DataError, load_meta, load_split, prepare
-from normrnn.download import download, verify
+from normrnn.pipeline.data import DataError, load_meta, load_split, prepare
+from normrnn.pipeline.download import download, verify
 
 
 def no_leftovers(path):

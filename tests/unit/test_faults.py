@@ -16,7 +16,7 @@ import torch
 from train_helpers import PARAMS, run_train
 
 from conftest import ROOT
-from normrnn.checkpoint import (
+from normrnn.pipeline.checkpoint import (
     Checkpointer,
     CheckpointError,
     load_model,
@@ -35,7 +35,7 @@ def child(out, data_dir, params, device="cpu"):
         sys.path.insert(0, {str(ROOT / "workflow")!r})
         torch.set_num_threads(1)
         from pathlib import Path
-        from normrnn.training import train
+        from normrnn.pipeline.training import train
         out = Path({str(out)!r})
         train(json.loads({json.dumps(json.dumps(params))}), {str(data_dir)!r}, out / "model.pt",
               out / "history.csv", out / "train.json", out / "ckpt", device={device!r})
@@ -226,7 +226,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, digits_dir):
 def test_nan_loss_is_a_diverged_result(tmp_path, digits_dir):
     import shutil
 
-    from normrnn.data import sha256
+    from normrnn.pipeline.data import sha256
 
     d = tmp_path / "data"
     shutil.copytree(digits_dir, d)
@@ -258,7 +258,7 @@ def test_damaged_model_file_is_named(tmp_path, uninterrupted):
 
 
 def test_gradient_norm_is_the_total_l2_norm_clipped_after():
-    from normrnn.training import gradient_norm
+    from normrnn.pipeline.training import gradient_norm
 
     model = torch.nn.Linear(3, 2)
     model.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # bias: no grad
@@ -272,7 +272,7 @@ def test_infinite_gradient_is_a_diverged_result_with_finite_weights(
 ):
     """A finite loss with a non-finite gradient (an overflow in the backward) stops the run
     before the optimizer step, so the kept weights stay finite."""
-    import normrnn.training as training
+    import normrnn.pipeline.training as training
 
     real, calls = training.gradient_norm, []
 
@@ -292,7 +292,7 @@ def test_infinite_gradient_is_a_diverged_result_with_finite_weights(
 def test_a_run_records_the_compute_path_it_took(tmp_path, digits_dir, monkeypatch):
     """Runs on different paths agree per step to rounding and then drift: each records the
     path its training steps took (train.json, then eval.json and summary.csv)."""
-    from normrnn import native
+    from normrnn.compute import native
 
     params = {**PARAMS, "quant": "fp", "epochs": 1, "max_batches": 2}
     first = run_train(tmp_path / "a", digits_dir, params)
@@ -363,13 +363,31 @@ def test_two_writers_of_one_checkpoint_do_not_collide(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_killed_writers_temporary_file_is_cleared_a_live_ones_kept(tmp_path):
+    """Clearing a run's checkpoints removes a temporary file whose writer is dead (killed while
+    writing, however recent), keeps a fresh one of a live writer (another job of the run)."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    ck = Checkpointer(tmp_path)
+    ck.save({"i": 1})
+    orphan = tmp_path / f".last.pt.{dead}.abc123.tmp"
+    live = tmp_path / f".last.pt.{os.getppid()}.def456.tmp"  # (pytest's parent: alive)
+    orphan.write_bytes(b"half")
+    live.write_bytes(b"half")
+    ck.clear()
+    assert not orphan.exists() and live.exists() and not (tmp_path / "last.pt").exists()
+
+
 @pytest.mark.parametrize(
     "failure",
     [OSError(28, "No space left on device"), RuntimeError("basic_ios::clear: iostream error")],
     ids=["ENOSPC", "torch"],
 )
 def test_a_full_disk_is_named_and_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
-    from normrnn.files import WriteError
+    from normrnn.pipeline.files import WriteError
 
     ck = Checkpointer(tmp_path)
     ck.save({"n": 1})
@@ -389,8 +407,8 @@ def test_a_full_disk_is_named_and_leaves_no_temporary_file(tmp_path, monkeypatch
 def test_written_files_keep_the_umasks_mode_and_other_errors_pass_as_they_are(tmp_path):
     """Written through a temporary file, a file gets the mode open() would give it (not
     mkstemp's owner-only 0600); an error that is not I/O passes unwrapped."""
-    from normrnn import files
-    from normrnn.files import WriteError, write_atomic
+    from normrnn.pipeline import files
+    from normrnn.pipeline.files import WriteError, write_atomic
 
     umask = os.umask(files._UMASK)  # (the process's, as the module read it)
     try:
@@ -416,7 +434,7 @@ def test_the_log_shows_progress_with_throughput_and_an_eta(tmp_path, digits_dir,
     epoch, the step of all steps, the loss, tokens/s and the time left."""
     import re
 
-    from normrnn import training
+    from normrnn.pipeline import training
 
     monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)  # a line after every step
     lines = []

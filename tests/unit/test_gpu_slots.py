@@ -3,7 +3,7 @@
 import threading
 import time
 
-from normrnn import gpu_slots
+from normrnn.pipeline import gpu_slots
 
 
 def test_claims_take_free_slots_and_wait_while_all_are_held(tmp_path):

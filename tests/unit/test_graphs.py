@@ -1,4 +1,4 @@
-"""CUDA graphs of the recurrence's loops (``normrnn/graphs.py``): replays against the step
+"""CUDA graphs of the recurrence's loops (``normrnn/compute/graphs.py``): replays against the step
 loop. On a GPU with real graphs; everywhere with :class:`ReplayByRerun`, a stand-in that
 replays by running the captured body again into the static outputs, so that the bookkeeping
 (static inputs, static outputs copied out, the batch norms' records, the backward's graphs,
@@ -11,8 +11,9 @@ import pytest
 import torch
 from path_helpers import FAST, close, default_path
 
-from normrnn import CELLS, graphs
-from normrnn.sequence import POOL
+from normrnn import CELLS
+from normrnn.compute import graphs
+from normrnn.compute.sequence import POOL
 
 
 def _copy_into(static, new):

@@ -1,5 +1,5 @@
-"""glibc keeping freed memory (``normrnn.memory``): what it changes, measured in a process of
-its own (mallopt is process-wide), and what the bench records of the allocator."""
+"""glibc keeping freed memory (``normrnn.compute.memory``): what it changes, measured in a
+process of its own (mallopt is process-wide), and what the bench records of the allocator."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from normrnn import memory
+from normrnn.compute import memory
 
 needs_glibc = pytest.mark.skipif(memory.glibc() is None, reason="needs glibc")
 
@@ -16,7 +16,7 @@ PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 import torch
-from normrnn import memory
+from normrnn.compute import memory
 
 def rss():  # resident pages, in MiB
     with open("/proc/self/statm") as f:

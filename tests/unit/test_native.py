@@ -1,4 +1,4 @@
-"""The compiled batch-norm steps (``normrnn.native``) against torch's ops and autograd, and
+"""The compiled batch-norm steps (``normrnn.compute.native``) against torch's ops and autograd, and
 their build: cached, rebuilt for a new source, safe to build from parallel jobs, and off
 (torch's ops, with a warning naming why) where it cannot be built."""
 
@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from normrnn import native, triton_steps
-from normrnn.norms import (
+from normrnn.compute import native, triton_steps
+from normrnn.methods.norms import (
     BatchNormTerm,
     L1BatchNorm,
     LinfBatchNorm,
@@ -24,7 +24,7 @@ from normrnn.norms import (
     rms_step,
     rms_step_backward,
 )
-from normrnn.norms.batch import Compiled, Estimated, L2Kernel
+from normrnn.methods.norms.batch import Compiled, Estimated, L2Kernel
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 needs_triton = pytest.mark.skipif(
@@ -347,7 +347,7 @@ def test_parallel_builds_leave_one_library_that_later_calls_reuse(tmp_path):
     """Two jobs building into one empty cache at once both get the same file, nothing else
     is left there, and a later build finds it instead of compiling again."""
     cache = tmp_path / "cache"
-    code = "import sys; from normrnn import native; print(native.build(sys.argv[1]))"
+    code = "import sys; from normrnn.compute import native; print(native.build(sys.argv[1]))"
     jobs = [
         subprocess.Popen([sys.executable, "-c", code, str(cache)], stdout=subprocess.PIPE)
         for _ in range(2)

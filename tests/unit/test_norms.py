@@ -11,8 +11,8 @@ from registry_lists import stepwise_norms
 from scipy import integrate
 
 from normrnn import NORMS, UnknownNameError, tanh_variance
-from normrnn.cells import LSTMLayer
-from normrnn.norms import linf_constant
+from normrnn.methods.cells import LSTMLayer
+from normrnn.methods.norms import linf_constant
 
 EPS = 1e-5
 
@@ -74,7 +74,7 @@ def test_bn_eval_uses_population_statistics_and_reuses_t_max():
 
 
 def test_population_statistics_are_the_mean_over_the_training_data():
-    from normrnn.norms import estimate_population_statistics
+    from normrnn.methods.norms import estimate_population_statistics
 
     layer = LSTMLayer(2, 4, norm="bn", max_steps=5).double()
     batches = [torch.randn(5, 8, 2, dtype=torch.float64) * (i + 1) for i in range(4)]
@@ -299,7 +299,7 @@ def test_shared_statistics_update_in_turn_by_hand():
 def test_deferred_statistics_equal_immediate_updates(norm, monkeypatch):
     """The step loop's per-step records, written by one flush after the loop, against an
     update at every step (on the loop: the sequence path has no immediate form)."""
-    from normrnn.norms import ActivationNorm
+    from normrnn.methods.norms import ActivationNorm
 
     def run():
         torch.manual_seed(0)

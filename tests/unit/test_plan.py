@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from normrnn import config as nc
-from normrnn import plan
+from normrnn.outputs import plan
+from normrnn.pipeline import config as nc
 from pipeline_helpers import load_tiny
 
 

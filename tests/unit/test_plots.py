@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from normrnn import plots
+from normrnn.outputs import plots
 
 GAMMAS = [0.1, 0.5, 1.0]
 
@@ -156,7 +156,7 @@ def test_a_third_grid_axis_gets_panels_of_its_own(tmp_path):
 
 
 def test_lengths_figure_draws_each_training_mode_and_labels_t_max(tmp_path):
-    from normrnn import diagnostic_plots
+    from normrnn.outputs import diagnostic_plots
 
     lengths = pd.DataFrame(
         [{"task": "chars", "norm": n, "quant": "fp", "seed": 1, "train_lengths": mode,
@@ -174,7 +174,7 @@ def test_lengths_figure_draws_each_training_mode_and_labels_t_max(tmp_path):
 
 
 def test_spectral_figure_labels_its_sqrt_h_line(tmp_path):
-    from normrnn import diagnostic_plots
+    from normrnn.outputs import diagnostic_plots
 
     runs = pd.DataFrame(
         [{"task": "digits", "norm": n, "quant": q, "seed": 1, "sqrt_hidden": 8.0,

@@ -4,7 +4,7 @@ import subprocess
 
 import torch
 
-from normrnn import provenance
+from normrnn.pipeline import provenance
 
 
 def git(root, *args):

@@ -87,7 +87,7 @@ def test_alternating_refits_scales_by_least_squares():
     the minimum-norm α and reproduce the matrix exactly, on any device's solver."""
     import numpy as np
 
-    from normrnn.quantizers import alternating
+    from normrnn.methods.quantizers import alternating
 
     w = torch.randn(40, 30)
     flat = w.double().numpy().ravel()

@@ -13,7 +13,8 @@ from path_helpers import assert_same, run_path
 from registry_lists import SEQUENCE_CELLS, loop_cases
 from torch.func import functional_call
 
-from normrnn import CELLS, native
+from normrnn import CELLS
+from normrnn.compute import native
 
 pytestmark = pytest.mark.skipif(
     native.compiler() is None or native.gemm(torch.float32) is None,

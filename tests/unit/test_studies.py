@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normrnn import NORMS
-from normrnn.cells import LSTMLayer
-from normrnn.data import IGNORE, lm_batches, variable_length_batches
-from normrnn.diagnostics import batch_norm_statistics
-from normrnn.norms import linf_constant
+from normrnn.methods.cells import LSTMLayer
+from normrnn.methods.norms import linf_constant
+from normrnn.pipeline.data import IGNORE, lm_batches, variable_length_batches
+from normrnn.pipeline.diagnostics import batch_norm_statistics
 
 EPS = 1e-5
 
@@ -120,8 +120,8 @@ def test_variable_length_batches():
 
 
 def test_language_model_loss_counts_only_real_targets(chars_dir):
-    from normrnn.models import build_model
-    from normrnn.tasks import make_task
+    from normrnn.methods.models import build_model
+    from normrnn.pipeline.tasks import make_task
 
     params = {"batch_size": 4, "seq_len": 12, "train_lengths": "variable", "seed": 1}
     task = make_task(chars_dir, params)
@@ -141,9 +141,9 @@ def test_language_model_loss_counts_only_real_targets(chars_dir):
 def test_length_metrics_of_a_uniform_model_are_log2_vocab(chars_dir):
     """Known answer: a model whose output layer is zero predicts uniformly, so its BPC is
     log2(V) at every test length, beyond T_max too."""
-    from normrnn.evaluation import length_metrics
-    from normrnn.models import build_model
-    from normrnn.tasks import make_task
+    from normrnn.methods.models import build_model
+    from normrnn.pipeline.evaluation import length_metrics
+    from normrnn.pipeline.tasks import make_task
 
     params = {"batch_size": 4, "seq_len": 10, "eval_seq_lens": [5, 10, 40]}
     task = make_task(chars_dir, params)

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from normrnn.tables import compare_reported, study_table
+from normrnn.outputs.tables import compare_reported, study_table
 
 REPORTED = pd.DataFrame(
     [
@@ -67,7 +67,7 @@ def test_study_table_mean_std_and_diverged():
 def test_welch_on_identical_and_clearly_different_samples():
     from scipy import stats
 
-    from normrnn.tables import welch_p
+    from normrnn.outputs.tables import welch_p
 
     same = [0.50, 0.52, 0.48, 0.51]
     assert welch_p(same, list(same)) == pytest.approx(1.0)
@@ -83,7 +83,7 @@ def test_table_marks_significant_differences_to_the_baseline():
     seeds a side, no test."""
     from scipy import stats
 
-    from normrnn.tables import welch_p
+    from normrnn.outputs.tables import welch_p
 
     seeds = {"none": [1.50, 1.51, 1.49], "ln": [1.30, 1.31, 1.29], "wn": [1.52, 1.48, 1.50]}
     rows = [("char", n, "fp", 8, s, "ok", v) for n, vs in seeds.items() for s, v in enumerate(vs)]
@@ -101,7 +101,7 @@ def test_table_marks_significant_differences_to_the_baseline():
 def test_the_baseline_is_named_with_its_grid_values(tmp_path):
     import json
 
-    from normrnn.tables import caption, collect
+    from normrnn.outputs.tables import caption, collect
 
     paths = []
     for i, gamma in enumerate([0.01, 0.1]):
@@ -117,7 +117,7 @@ def test_the_baseline_is_named_with_its_grid_values(tmp_path):
 
 
 def test_the_html_table_has_its_caption_borders_and_numbers_aligned():
-    from normrnn.tables import html_table
+    from normrnn.outputs.tables import html_table
 
     table = pd.DataFrame({"norm": ["none", "bn"], "test": ["0.803 ± 0.063", "diverged"]})
     page = html_table(table, "Study x", "Test metric & more")
@@ -129,7 +129,7 @@ def test_the_html_table_has_its_caption_borders_and_numbers_aligned():
 def test_grid_axes_become_columns_and_other_columns_do_not(tmp_path):
     import json
 
-    from normrnn.tables import collect
+    from normrnn.outputs.tables import collect
 
     base = {"task": "char", "norm": "ln", "quant": "fp", "hidden_size": 8, "status": "ok"}
     base.update(metric="bpc", seconds_per_step=0.01, model_bits=10)

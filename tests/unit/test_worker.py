@@ -1,6 +1,6 @@
-"""The job worker (normrnn.worker): a job run in a forked child gives what it gives in its own
-process, a signal to the job's script reaches the child, a script that dies takes its child
-with it, and the worker leaves when asked, when its parent is gone, or when idle."""
+"""The job worker (normrnn.pipeline.worker): a job run in a forked child gives what it gives
+in its own process, a signal to the job's script reaches the child, a script that dies takes
+its child with it, and the worker leaves when asked, when its parent is gone, or when idle."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from normrnn import worker
+from normrnn.pipeline import worker
 
 PARAMS = {
     "model": "classifier", "hidden_size": 8, "batch_size": 32, "epochs": 2, "lr": 0.01,
@@ -86,7 +86,7 @@ def _script(smk) -> str:
     return textwrap.dedent(f"""
         import pickle, sys
         sys.path.insert(0, {str(ROOT / "workflow")!r})
-        from normrnn.worker import run_job
+        from normrnn.pipeline.worker import run_job
         run_job("train", pickle.loads({pickle.dumps(smk)!r}))
     """)
 
@@ -138,7 +138,7 @@ def test_the_worker_leaves_when_its_parent_is_gone_or_idle(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     path = tmp_path / "w.sock"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
-    args = [sys.executable, "-m", "normrnn.worker", "--socket", str(path)]
+    args = [sys.executable, "-m", "normrnn.pipeline.worker", "--socket", str(path)]
     orphan = subprocess.Popen([*args, "--parent", str(parent.pid)], env=env)
     idle = subprocess.Popen([*args[:-1], str(tmp_path / "i.sock"), "--idle", "1"], env=env)
     deadline = time.time() + 90
@@ -156,9 +156,9 @@ def test_without_a_worker_a_job_runs_in_its_own_process(tmp_path, monkeypatch):
     job itself; a socket nobody listens on (a worker that died) is the same."""
     monkeypatch.chdir(tmp_path)
     calls = []
-    import normrnn.pipeline as pipeline
+    from normrnn.pipeline import jobs
 
-    monkeypatch.setattr(pipeline, "summary_job", lambda smk: calls.append(smk), raising=True)
+    monkeypatch.setattr(jobs, "summary_job", lambda smk: calls.append(smk), raising=True)
     worker.run_job("summary", "no worker")
     (tmp_path / worker.SOCKET).parent.mkdir()
     (tmp_path / worker.SOCKET).touch()

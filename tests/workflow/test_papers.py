@@ -85,7 +85,7 @@ def test_default_config_lists_the_full_matrix(tmp_path):
 def test_a_paper_or_study_target_plans_exactly_its_jobs(tmp_path, target):
     """`snakemake -n <paper>`: the studies that name the paper (``paper``, ``experiment_of``), each
     of their runs and tables, nothing else (no other study, no summary, claims or bench)."""
-    from normrnn import config as nc
+    from normrnn.pipeline import config as nc
 
     wf = workflow_copy(tmp_path)
     write_config(wf, DEFAULT)

@@ -242,15 +242,15 @@ def test_a_changed_byte_of_the_compiled_loop_reruns_every_training(done, tmp_pat
     import torch
     import yaml
 
-    from normrnn import config as nc
-    from normrnn import versions
-    from normrnn.checkpoint import Checkpointer, fingerprint
+    from normrnn.pipeline import config as nc
+    from normrnn.pipeline import versions
+    from normrnn.pipeline.checkpoint import Checkpointer, fingerprint
 
     wf = tmp_path / "wf"
     shutil.copytree(done, wf, symlinks=True)
     package = wf / "workflow" / "normrnn"
     old_code = versions.code_version(package)
-    with open(package / "csrc" / "recurrence.cpp", "a") as f:
+    with open(package / "compute" / "csrc" / "recurrence.cpp", "a") as f:
         f.write("\n")
     assert versions.code_version(package) != old_code
     trains = [w for r, w in planned_jobs(wf) if r == "train"]

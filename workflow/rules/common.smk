@@ -4,8 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from normrnn import config as nc  # noqa: E402
-from normrnn import gpu_slots, versions, worker  # noqa: E402
+from normrnn.pipeline import config as nc  # noqa: E402
+from normrnn.pipeline import gpu_slots, versions, worker  # noqa: E402
 
 nc.validate(config)
 
@@ -22,12 +22,20 @@ RUNS = nc.expand(config)
 STUDIES = [s["name"] for s in config["studies"]]
 STUDY = {s["name"]: s for s in config["studies"]}
 CODE_VERSION = versions.code_version()
-TABLES_CODE = versions.code_version(modules=("tables", "pipeline"), run_code=False)
+TABLES_CODE = versions.code_version(
+    modules=("outputs.tables", "pipeline.jobs"), run_code=False
+)
 PLOTS_CODE = versions.code_version(
-    modules=("plots", "diagnostic_plots", "tables", "pipeline"), run_code=False
+    modules=(
+        "outputs.plots",
+        "outputs.diagnostic_plots",
+        "outputs.tables",
+        "pipeline.jobs",
+    ),
+    run_code=False,
 )
 # the bench times the run code's cells: its version covers them, with its own module
-BENCH_CODE = versions.code_version(modules=("bench", "plots"))
+BENCH_CODE = versions.code_version(modules=("outputs.bench", "outputs.plots"))
 DATA = config["data_dir"]
 RESULTS = config["results_dir"]
 PREPARED = ["train.pt", "valid.pt", "test.pt", "meta.json"]
@@ -169,7 +177,7 @@ def all_targets():
 
 
 def use_worker() -> bool:
-    """Whether a job worker serves this run (normrnn.worker): jobs on this machine, in this
+    """Whether a job worker serves this run (normrnn.pipeline.worker): jobs on this machine, in this
     environment (not a cluster executor, not conda environments), unless switched off.
     """
     from snakemake.settings.types import DeploymentMethod

@@ -1,4 +1,4 @@
-# Raw data, then the uniform prepared format (normrnn.data).
+# Raw data, then the uniform prepared format (normrnn.pipeline.data).
 
 
 rule fetch:

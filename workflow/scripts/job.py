@@ -1,9 +1,9 @@
 """Snakemake's entry point of every rule: ``normrnn.pipeline.<rule>_job(snakemake)``, in a child
-of the job worker where one serves this run (``normrnn.worker``), else in this process."""
+of the job worker where one serves this run (``normrnn.pipeline.worker``), else in this process."""
 
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
-from normrnn.worker import run_job  # noqa: E402
+from normrnn.pipeline.worker import run_job  # noqa: E402
 
 run_job(snakemake.rule, snakemake)
