@@ -81,6 +81,11 @@ BAD_CONFIGS = [
     ),
     ("duplicate study", lambda c: c["studies"][1].update(name="alpha"), "studies[1].name"),
     ("study named as a rule", lambda c: c["studies"][1].update(name="summary"), "studies[1].name"),
+    (
+        "paper named as a study",
+        lambda c: c["studies"][1].update(experiment_of="alpha"),
+        "studies[1].experiment_of",
+    ),
     ("unknown key", lambda c: c["defaults"].update(learning_rate=1), "learning_rate"),
     (
         "unknown figure",

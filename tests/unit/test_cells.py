@@ -18,7 +18,7 @@ from normrnn.pipeline.optim import make_optimizer, update_preconditioners
 def _small_stacks(monkeypatch):
     """The sequence path's input term in stacks of 4 steps (LSTM, B=4, 4·16 gates) or 5
     (GRU): the tests' 6 steps in two, the second one short."""
-    monkeypatch.setattr(sequence, "STACK", 4 * 4 * 64)
+    monkeypatch.setattr(sequence.steps, "STACK", 4 * 4 * 64)
 
 
 def copy_lstm(ref: torch.nn.LSTM, model):
@@ -164,11 +164,16 @@ def test_the_input_term_in_single_steps(cell, norm, train, monkeypatch, bn_steps
     """Where one step fills the sequence path's stack (large B·H), its input term goes a
     step per call, through the compiled steps, or torch's kernels where they exist: the same
     numbers as the loop."""
-    monkeypatch.setattr(sequence, "STACK", 1)
+    monkeypatch.setattr(sequence.steps, "STACK", 1)
+    parts, cut = [], sequence.steps._parts
+    monkeypatch.setattr(
+        sequence.steps, "_parts", lambda term, x: parts.append(p := cut(term, x)) or p
+    )
     ref = run_path(cell, norm, "fp", "loop", train)
     got = run_path(cell, norm, "fp", "sequence", train)
     assert got.keys() == ref.keys() and "norm.x.weight.grad" in ref
     assert_same(got, ref)
+    assert parts and all(part.dim() == 2 for p in parts for part in p)  # single steps (B, F)
 
 
 def test_the_input_terms_backward_follows_the_forwards_parts():

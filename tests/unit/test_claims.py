@@ -189,3 +189,23 @@ def test_a_claim_on_a_time_reads_lower_as_better():
     assert got["faster"][0] == "holds" and "+10.000 in the claimed direction" in got["faster"][1]
     assert got["slower"][0] == "fails"
     assert got["throughput"][0] == "holds"
+
+
+def test_a_bound_on_a_time_is_a_ceiling_and_the_figure_plots_the_column(tmp_path):
+    from normrnn.outputs import plots
+    from normrnn.outputs.claims import groups
+
+    df = runs(variant("normprop", "fp", [0.5] * 3) + variant("bn", "fp", [0.5] * 3))
+    df["seconds_per_epoch"] = [10.0, 10.5, 9.5, 20.0, 21.0, 19.0]
+    claim = {"says": "fast", "each": {}, "reaches": 15.0, "column": "seconds_per_epoch"}
+    verdict, evidence = verdicts([claim], df)["fast"]
+    assert (
+        verdict == "fails"
+        and "every mean at most 15.0" in evidence
+        and "bn+fp by 5.000" in evidence
+    )
+    fig = plots.claims(check({"s": [claim]}, df), groups({"s": [claim]}, df), tmp_path / "c.png")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "seconds_per_epoch"
+    dots = sorted(y for c in ax.collections for _, y in c.get_offsets())
+    assert dots == sorted(df["seconds_per_epoch"])

@@ -373,12 +373,16 @@ def test_a_killed_writers_temporary_file_is_cleared_a_live_ones_kept(tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     ck = Checkpointer(tmp_path)
     ck.save({"i": 1})
-    orphan = tmp_path / f".last.pt.{dead}.abc123.tmp"
-    live = tmp_path / f".last.pt.{os.getppid()}.def456.tmp"  # (pytest's parent: alive)
-    orphan.write_bytes(b"half")
-    live.write_bytes(b"half")
+    from normrnn.pipeline.files import _HOST
+
+    orphan = tmp_path / f".last.pt.{_HOST}.{dead}.abc123.tmp"
+    live = tmp_path / f".last.pt.{_HOST}.{os.getppid()}.def456.tmp"  # (pytest's parent: alive)
+    elsewhere = tmp_path / f".last.pt.other-node.{dead}.ghi789.tmp"  # a pid this host can't see
+    for path in (orphan, live, elsewhere):
+        path.write_bytes(b"half")
     ck.clear()
-    assert not orphan.exists() and live.exists() and not (tmp_path / "last.pt").exists()
+    assert not orphan.exists() and live.exists() and elsewhere.exists()
+    assert not (tmp_path / "last.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -33,3 +33,20 @@ def test_the_device_of_a_slot(monkeypatch):
     assert gpu_slots.device_for("auto", slot) == "auto"  # a stand-in slot: the CPU
     monkeypatch.setenv(gpu_slots.STAND_IN, "4")
     assert gpu_slots.visible_gpus() == 4
+
+
+def test_only_jobs_on_this_machine_share_its_gpus_and_no_locks_means_no_slot(tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.delenv(gpu_slots.LOCAL, raising=False)
+    assert gpu_slots.local_gpus() == 0  # a cluster job: its scheduler gave it its GPUs
+    monkeypatch.setenv(gpu_slots.LOCAL, "2")
+    assert gpu_slots.local_gpus() == 2
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(gpu_slots.fcntl, "flock", no_locks)
+    said = []
+    assert gpu_slots.claim(2, tmp_path, log=said.append) is None
+    assert "no file locks" in said[0]

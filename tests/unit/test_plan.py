@@ -26,7 +26,11 @@ def prepared(tmp_path):
 
 def test_the_plan_counts_each_runs_steps_and_prices_them(prepared, monkeypatch):
     cfg, data = prepared
-    monkeypatch.setattr(plan, "step_seconds", lambda shape, params, device, repeats: 0.01)
+
+    def fake(shape, params, device, repeats, batch=None, forward=False):
+        return 0.001 if forward else 0.01  # a forward pass, a training step
+
+    monkeypatch.setattr(plan, "step_seconds", fake)
     rows = plan.plan(cfg, data, torch.device("cpu"))
     runs = nc.expand(cfg)
     assert len(rows) == len(runs)
@@ -37,7 +41,11 @@ def test_the_plan_counts_each_runs_steps_and_prices_them(prepared, monkeypatch):
         if hp.get("max_batches"):
             per_epoch = min(per_epoch, hp["max_batches"])
         assert row["steps"] == per_epoch * hp["epochs"]
-        assert row["seconds"] > row["steps"] * 0.01 + plan.JOB_OVERHEAD_S  # + evaluation passes
+        # + validation each epoch and the test of both models on test and validation
+        valid_b = plan.Shape({"sizes": [400, 50, 60], "seq_len": 16}, hp).eval_batch("valid")
+        per_eval = hp["batch_size"] if valid_b == hp["batch_size"] else valid_b
+        valid = math.ceil(50 / (per_eval * (1 if hp["model"] == "classifier" else hp["seq_len"])))
+        assert row["seconds"] >= row["steps"] * 0.01 + (hp["epochs"] + 2) * valid * 0.001
     text = plan.report(rows, 2, torch.device("cpu"))
     total = next(line for line in text.splitlines() if line.startswith("total"))
     assert total.split()[:3] == ["total", str(len(rows)), f"{sum(r['steps'] for r in rows):,d}"]

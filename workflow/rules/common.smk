@@ -1,4 +1,5 @@
 # Config validation, run expansion and input functions shared by the rules.
+import os
 import sys
 from pathlib import Path
 
@@ -103,21 +104,19 @@ def train_resources(key, default):
 
 # On this machine: one GPU per train job, and as many at once as there are GPUs
 # (gpu_slots.py gives each job its own). `--resources gpu=N` on the command line wins.
-VISIBLE_GPUS = gpu_slots.visible_gpus() if workflow.local_exec else 0
-if (
-    VISIBLE_GPUS
-    and config["device"] in ("auto", "cuda")
-    and "gpu" not in workflow.global_resources
-):
-    workflow.global_resources["gpu"] = VISIBLE_GPUS
+# Only where jobs run here and on GPUs (device auto or cuda): a cluster gives jobs their GPUs.
+ON_LOCAL_GPUS = workflow.local_exec and config["device"] in ("auto", "cuda")
+VISIBLE_GPUS = gpu_slots.visible_gpus() if ON_LOCAL_GPUS else 0
+if VISIBLE_GPUS:  # the jobs (and the worker, which forks them) share them out
+    os.environ[gpu_slots.LOCAL] = str(VISIBLE_GPUS)
+    if "gpu" not in workflow.global_resources:
+        workflow.global_resources["gpu"] = VISIBLE_GPUS
 
 
 def gpus_per_train_job():
     """The config's ``gpus_per_train_job``; 1 where it is 0 but the jobs run on this
     machine's GPUs (``device`` auto or cuda), so that the gpu resource caps them."""
-    if config["gpus_per_train_job"] or not VISIBLE_GPUS:
-        return config["gpus_per_train_job"]
-    return 1 if config["device"] in ("auto", "cuda") else 0
+    return config["gpus_per_train_job"] or (1 if VISIBLE_GPUS else 0)
 
 
 def bench_threads(wildcards):

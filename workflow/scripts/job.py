@@ -1,5 +1,6 @@
-"""Snakemake's entry point of every rule: ``normrnn.pipeline.<rule>_job(snakemake)``, in a child
-of the job worker where one serves this run (``normrnn.pipeline.worker``), else in this process."""
+"""Snakemake's entry point of every rule: ``normrnn.pipeline.jobs.<rule>_job(snakemake)``, in a
+child of the job worker where one serves this run (``normrnn.pipeline.worker``), else in this
+process."""
 
 import sys
 

@@ -151,9 +151,9 @@ def bound(runs: pd.DataFrame, claim: dict) -> tuple[str, str]:
     if mine.empty:
         return "not run", "no runs"
     keys = [k for k in VARIANT if k in mine] + [k for k in claim.get("per", []) if k in mine]
-    higher = HIGHER_IS_BETTER.get(mine["metric"].iloc[0], True)
-    target, missed, seen = claim["reaches"], [], []
     on, label = _on(claim)
+    higher = COLUMN_HIGHER_IS_BETTER.get(on, HIGHER_IS_BETTER.get(mine["metric"].iloc[0], True))
+    target, missed, seen = claim["reaches"], [], []
     for key, group in mine.groupby(keys, sort=False, dropna=False):
         values = _values(group, on)
         name = "+".join(str(k) for k in (key if isinstance(key, tuple) else (key,))[1:])
@@ -187,7 +187,7 @@ def check(claims_by_study: dict, runs: pd.DataFrame) -> pd.DataFrame:
 def groups(claims_by_study: dict, runs: pd.DataFrame) -> list[pd.DataFrame]:
     """For each claim (in :func:`check`'s order), the runs it rests on, each with the side
     it belongs to (``side``: the selector's values); a bound's frame carries its bound in
-    ``attrs["bound"]``."""
+    ``attrs["bound"]``, every frame the column its claim reads in ``attrs["column"]``."""
     out = []
     for study, claims in claims_by_study.items():
         mine = runs[runs["study"] == study]
@@ -201,5 +201,6 @@ def groups(claims_by_study: dict, runs: pd.DataFrame) -> list[pd.DataFrame]:
                 frame = select(mine, claim.get("each", {}))
                 frame = frame.assign(side=frame["norm"] + "+" + frame["quant"])
                 frame.attrs["bound"] = claim["reaches"]
+            frame.attrs["column"] = _on(claim)[0]
             out.append(frame)
     return out

@@ -43,7 +43,6 @@ SIZE_HINTS = {
 }  # fmt: skip
 SIZE_HINTS["mnist_perm"] = SIZE_HINTS["mnist"]
 JOB_OVERHEAD_S = 2.0  # per job: process, imports, evaluation's diagnostics (quick study, 2 cores)
-FORWARD_SHARE = 1 / 3  # a forward pass's time as a share of a training step's
 
 
 class Shape:
@@ -63,6 +62,13 @@ class Shape:
         per_batch = batch_size * (1 if self.classifier else self.max_steps)
         return max(1, math.ceil(self.meta["sizes"][split] / per_batch))
 
+    def eval_batch(self, split: str) -> int:
+        """The batch size a split is evaluated at: 1 for a language model's ``whole``
+        protocol (the whole sequence, Cooijmans et al.), else the evaluation batch size."""
+        if not self.classifier and self.params.get(f"{split}_protocol") == "whole":
+            return 1
+        return self.params.get("eval_batch_size") or self.params["batch_size"]
+
 
 def dataset_meta(name: str, data_dir: Path) -> tuple[dict, str]:
     """The dataset's sizes and shapes, and where they came from."""
@@ -78,12 +84,15 @@ def dataset_meta(name: str, data_dir: Path) -> tuple[dict, str]:
     raise SystemExit(f"plan: dataset {name!r} is neither prepared ({path}) nor in SIZE_HINTS")
 
 
-def step_seconds(shape: Shape, params: dict, device: torch.device, repeats: int) -> float:
-    """Median time of one training step at the run's size (after one warm-up step)."""
+def step_seconds(
+    shape: Shape, params: dict, device: torch.device, repeats: int, batch=None, forward=False
+) -> float:
+    """Median time of one training step at the run's size (after one warm-up step); with
+    ``forward``, of a forward pass without gradients at ``batch`` sequences (evaluation)."""
     torch.manual_seed(0)
     model = build_model(**model_spec(shape, params)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    b, t = params["batch_size"], shape.max_steps
+    b, t = batch or params["batch_size"], shape.max_steps
     if shape.classifier:
         x = torch.randn(t, b, shape.meta["input_size"], device=device)
         y = torch.randint(shape.meta["num_classes"], (b,), device=device)
@@ -97,35 +106,45 @@ def step_seconds(shape: Shape, params: dict, device: torch.device, repeats: int)
             return F.cross_entropy(model(x)[0].flatten(0, 1), x.flatten())
 
     times = []
+    model.train(not forward)
     for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss().backward()
-        opt.step()
+        if forward:
+            with torch.no_grad():
+                loss()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
-def run_seconds(run: nc.Run, shape: Shape, step_s: float) -> tuple[int, float]:
-    """A run's training steps and its estimated seconds (training, validation, population
-    statistics, test, the job's overhead)."""
+def run_seconds(run: nc.Run, shape: Shape, time_of) -> tuple[int, float]:
+    """A run's training steps and its estimated seconds: training; validation after every
+    epoch; population statistics over the training set before it where batch norm estimates
+    them so; the test of both kept models on the test and validation splits (and the best
+    model's population statistics where validation used batch statistics); the job's
+    overhead. ``time_of(batch, forward)`` is the measured time of a step or a forward pass."""
     hp = run.hparams
-    batch, epochs = hp["batch_size"], hp["epochs"]
-    per_epoch = shape.batches(0, batch)
-    if hp.get("max_batches"):
-        per_epoch = min(per_epoch, hp["max_batches"])
-    steps = per_epoch * epochs
-    eval_batch = hp.get("eval_batch_size") or batch
-    forward = step_s * FORWARD_SHARE * eval_batch / batch  # one evaluation batch, roughly
-    passes = epochs * shape.batches(1, eval_batch) + 2 * shape.batches(2, eval_batch)
-    seconds = steps * step_s + passes * forward
+    batch, epochs, cap = hp["batch_size"], hp["epochs"], hp.get("max_batches") or math.inf
+    steps = min(shape.batches(0, batch), cap) * epochs
+    seconds = steps * time_of(batch, False)
+    valid_b, test_b = shape.eval_batch("valid"), shape.eval_batch("test")
+    valid = shape.batches(1, valid_b) * time_of(valid_b, True)
+    test = shape.batches(2, test_b) * time_of(test_b, True)
+    seconds += epochs * valid + 2 * (valid + test)
     if uses_batch_norm(run.norm) and hp.get("population_stats", "dataset") == "dataset":
+        pop_b = hp.get("population_batch_size") or batch
+        population = min(shape.batches(0, pop_b), cap) * time_of(pop_b, True)
         if hp.get("valid_statistics", "population") == "population":
-            seconds += epochs * shape.batches(0, batch) * step_s * FORWARD_SHARE
+            seconds += epochs * population
+        elif hp.get("select") == "best":
+            seconds += population  # the best model's, before its test
     return steps, seconds + JOB_OVERHEAD_S
 
 
@@ -136,13 +155,19 @@ def plan(config: dict, data_dir: Path, device: torch.device, repeats: int = 3) -
     for (study, task, _), run in nc.expand(config).items():
         meta, source = dataset_meta(run.dataset, data_dir)
         shape = Shape(meta, {**run.hparams, "norm": run.norm, "quant": run.quant})
-        key = json.dumps([model_spec(shape, shape.params), run.hparams["batch_size"]],
-                         sort_keys=True, default=str)  # fmt: skip
-        if key not in measured:
-            measured[key] = step_seconds(shape, shape.params, device, repeats)
-        steps, seconds = run_seconds(run, shape, measured[key])
+        spec = json.dumps(model_spec(shape, shape.params), sort_keys=True, default=str)
+
+        def time_of(batch, forward, shape=shape, spec=spec):
+            if (spec, batch, forward) not in measured:
+                measured[spec, batch, forward] = step_seconds(
+                    shape, shape.params, device, repeats, batch, forward
+                )
+            return measured[spec, batch, forward]
+
+        steps, seconds = run_seconds(run, shape, time_of)
+        step_ms = 1000 * time_of(run.hparams["batch_size"], False)
         rows.append({"study": study, "task": task, "run": run.run, "steps": steps,
-                     "step_ms": 1000 * measured[key], "seconds": seconds, "sizes": source,
+                     "step_ms": step_ms, "seconds": seconds, "sizes": source,
                      "runtime_min": run.hparams.get("runtime_min", 60)})  # fmt: skip
     return rows
 
@@ -168,10 +193,11 @@ def report(rows: list[dict], cores: int, device: torch.device) -> str:
                  f"({wall / 60:.0f} min) of training jobs")  # fmt: skip
     sources = sorted({r["sizes"] for r in rows})
     lines.append(
-        "assumptions: one training step timed at each run's size on this device (median of the "
-        f"repeats, one thread per job on a CPU); forward passes at {FORWARD_SHARE:.2f} of a "
-        "step (validation every epoch, population statistics over the training set before it "
-        f"where batch norm estimates them, the test of two models); {JOB_OVERHEAD_S:.0f} s per "
+        "assumptions: one training step and one forward pass at each evaluation batch size "
+        "timed at each run's size on this device (median of the repeats, one thread per job on "
+        "a CPU); validation every epoch, population statistics over the training set before it "
+        "where batch norm estimates them, the test and validation splits of both kept models; "
+        f"{JOB_OVERHEAD_S:.0f} s per "
         "job for the process and the evaluation's diagnostics; data preparation, tables and "
         f"the bench not counted; dataset sizes from {', '.join(sources)}. A GPU estimate: run "
         "this on the GPU host with --device cuda."

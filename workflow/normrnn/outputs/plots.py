@@ -352,9 +352,10 @@ VERDICT_COLOURS = {"holds": "tab:green", "fails": "tab:red", "not significant": 
                    "holds (untested)": "olivedrab", "fails (untested)": "indianred"}  # fmt: skip
 
 
-def claims(table: pd.DataFrame, groups: list[pd.DataFrame], path) -> None:
-    """The studies' claims at a glance: a panel per claim with every seed's test metric (dots)
-    and the mean ± standard deviation of each side (bars), the bound as a line; the title
+def claims(table: pd.DataFrame, groups: list[pd.DataFrame], path):
+    """The studies' claims at a glance: a panel per claim with every seed's value (dots) of what
+    the claim reads (the test metric, or its ``column``) and the mean ± standard deviation of
+    each side (bars), the bound as a line; the title
     gives the study, the claim and its verdict (green holds, red fails, orange neither; paler
     where untested).
     ``groups[i]`` holds claim i's runs with a ``side`` column (the group each belongs to)."""
@@ -367,15 +368,16 @@ def claims(table: pd.DataFrame, groups: list[pd.DataFrame], path) -> None:
     fig, axes = matplotlib.pyplot.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows),
                                            squeeze=False)  # fmt: skip
     for ax, (_, claim), runs in zip(axes.flat, table.iterrows(), groups, strict=False):
+        column = runs.attrs.get("column", "test_metric")  # what the claim reads
         ok = runs[runs["status"] != "diverged"] if not runs.empty else runs
         if not ok.empty:
             order = list(dict.fromkeys(ok["side"]))
-            sns.stripplot(data=ok, x="side", y="test_metric", order=order, ax=ax, color="0.3",
+            sns.stripplot(data=ok, x="side", y=column, order=order, ax=ax, color="0.3",
                           size=4, jitter=0.15)  # fmt: skip
-            sns.pointplot(data=ok, x="side", y="test_metric", order=order, ax=ax, errorbar="sd",
+            sns.pointplot(data=ok, x="side", y=column, order=order, ax=ax, errorbar="sd",
                           color="tab:blue", linestyle="none", capsize=0.2, marker="_")  # fmt: skip
             ax.tick_params(axis="x", labelrotation=45 if len(order) > 3 else 0, labelsize=8)
-            ax.set_ylabel(f"test {ok['metric'].iloc[0]}")
+            ax.set_ylabel(f"test {ok['metric'].iloc[0]}" if column == "test_metric" else column)
         if "bound" in runs.attrs:
             ax.axhline(runs.attrs["bound"], color="tab:red", linestyle="--", linewidth=1)
         ax.set_xlabel("")
@@ -385,5 +387,4 @@ def claims(table: pd.DataFrame, groups: list[pd.DataFrame], path) -> None:
     for ax in list(axes.flat)[len(table) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    matplotlib.pyplot.close(fig)
+    return _save(fig, path)

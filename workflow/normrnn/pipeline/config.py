@@ -213,6 +213,10 @@ def _check_names(config: dict) -> None:
             raise ConfigError(f"{where}.name: {study['name']!r} is used twice")
         if study["name"] in RULES:  # a study's name is its target rule's
             raise ConfigError(f"{where}.name: {study['name']!r} is the name of a rule")
+        for key in ("paper", "experiment_of"):  # and a paper's, the target of its studies
+            paper = study.get(key)
+            if paper in RULES or paper in {s["name"] for s in config["studies"]}:
+                raise ConfigError(f"{where}.{key}: {paper!r} is the name of a rule or a study")
         seen.add(study["name"])
         for j, t in enumerate(study["tasks"]):
             if t not in tasks:

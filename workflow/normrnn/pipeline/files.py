@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class WriteError(OSError):
 _UMASK = os.umask(0)  # read once (a process-wide setting: put straight back)
 os.umask(_UMASK)
 FULL = {errno.ENOSPC, errno.EDQUOT}
+_HOST = socket.gethostname().replace(".", "-") or "host"
 
 
 def write_atomic(path, write, previous=None) -> Path:
@@ -27,10 +29,9 @@ def write_atomic(path, write, previous=None) -> Path:
     (the file there before renamed to ``previous`` first, where given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid in the name: a temporary file of a dead writer is known as such
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
-    )
+    # the writer's host and pid in the name: a temporary file of a dead writer is known as such
+    prefix = f".{path.name}.{_HOST}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would make it (mkstemp's is owner-only)
         with os.fdopen(fd, "wb") as f:
@@ -65,11 +66,13 @@ def _message(path: Path, e: Exception) -> str:
 
 def abandoned(tmp: Path, age: float = 60.0) -> bool:
     """Whether a temporary file of :func:`write_atomic` has no live writer: its writer's
-    process is gone (a kill), or it is older than ``age`` seconds."""
+    process on this host is gone (a kill), or it is older than ``age`` seconds (a writer on
+    another host, whose pid this host cannot check)."""
     import time
 
-    parts = tmp.name.split(".")  # "", name..., pid, random, "tmp"
-    pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+    parts = tmp.name.split(".")  # "", name..., host, pid, random, "tmp"
+    here = len(parts) >= 5 and parts[-4] == _HOST  # a pid of another host tells nothing
+    pid = int(parts[-3]) if here and parts[-3].isdigit() else None
     if pid is not None and pid != os.getpid():
         try:
             os.kill(pid, 0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAND_IN = "NORMRNN_GPU_SLOTS"
+LOCAL = "NORMRNN_LOCAL_GPUS"  # set by the workflow where jobs run on this machine: their GPUs
 DIRECTORY = Path(".snakemake") / "normrnn-gpu"
 
 
@@ -37,8 +38,15 @@ class Slot:
         os.close(self.fd)  # (closing the descriptor drops its lock)
 
 
-def claim(n: int, directory: Path = DIRECTORY, poll: float = 0.5, log=print) -> Slot:
-    """The first free of ``n`` slots, waiting for one while all are held."""
+def local_gpus() -> int:
+    """The GPUs a job shares with its siblings: those the workflow found on this machine when
+    it runs its jobs here; none on a cluster node (its scheduler gives each job its GPUs)."""
+    return int(os.environ.get(LOCAL) or 0)
+
+
+def claim(n: int, directory: Path = DIRECTORY, poll: float = 0.5, log=print) -> Slot | None:
+    """The first free of ``n`` slots, waiting for one while all are held; None where the file
+    system has no locks (the job then runs on its configured device)."""
     directory.mkdir(parents=True, exist_ok=True)
     waiting = False
     while True:
@@ -49,6 +57,10 @@ def claim(n: int, directory: Path = DIRECTORY, poll: float = 0.5, log=print) -> 
             except BlockingIOError:
                 os.close(fd)
                 continue
+            except OSError as e:  # no flock here (some network file systems)
+                os.close(fd)
+                log(f"GPU slots: no file locks in {directory} ({e}); using the configured device")
+                return None
             return Slot(i, fd, time.time())
         if not waiting:
             log(f"all {n} GPU slots are in use; waiting for one")

@@ -65,7 +65,7 @@ def _setup(smk):
     keep_freed_memory()
     if getattr(smk.params, "deterministic", False):  # the config's switch: the same numbers
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (before CUDA starts)
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # (a warning where none is)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
@@ -81,7 +81,7 @@ def train_job(smk):
         _setup(smk)
         data_dir = Path(smk.input.meta).parent
         hp = {**smk.params.hp, "checkpoint_every": smk.resources.checkpoint_every}
-        n = gpu_slots.visible_gpus() if smk.params.device in ("auto", "cuda") else 0
+        n = gpu_slots.local_gpus() if smk.params.device in ("auto", "cuda") else 0
         slot = gpu_slots.claim(n, log=lambda m: print(m, flush=True)) if n else None
         device = gpu_slots.device_for(smk.params.device, slot)
         started, t0 = provenance.now(), time.perf_counter()

@@ -1,7 +1,7 @@
 // Batch-norm steps with per-step statistics over the batch, forward and backward, as plain
 // loops: each op of the torch form is a pass over the step and a dispatch of a few µs, and
 // at the sizes of a recurrent step (64 x 400) those, not the arithmetic, set the speed.
-// Compiled and loaded by normrnn/native.py (ctypes); the math is BatchNormTerm's and its
+// Compiled and loaded by normrnn/compute/native.py (ctypes); the math is BatchNormTerm's and its
 // subclasses' (norms/batch.py), held to it and to autograd by tests/unit/test_native.py.
 //
 // A call covers `steps` consecutive steps, each a row-major (batch, features) block; a

@@ -1,4 +1,4 @@
-// The LSTM and GRU recurrences of the sequence path (normrnn/sequence/) as one compiled
+// The LSTM and GRU recurrences of the sequence path (normrnn/compute/sequence/) as one compiled
 // loop each way: at the sequential-MNIST size (B=64, H=100) a step in torch's ops is two dozen
 // calls of 5-15 µs each, several times the arithmetic. Here a step is one matrix product
 // through the BLAS that torch links (its gemm's address comes from Python) and a few passes
@@ -24,7 +24,7 @@ template <typename T>
 using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
                       const T*, const int*, const T*, const int*, const T*, T*, const int*);
 
-// The layouts of both structures are mirrored by ctypes in normrnn/native.py.
+// The layouts of both structures are mirrored by ctypes in normrnn/compute/native.py.
 struct Term {
   int32_t kind, groups;
   int64_t k;
