@@ -42,9 +42,8 @@ def test_the_plan_counts_each_runs_steps_and_prices_them(prepared, monkeypatch):
             per_epoch = min(per_epoch, hp["max_batches"])
         assert row["steps"] == per_epoch * hp["epochs"]
         # + validation each epoch and the test of both models on test and validation
-        valid_b = plan.Shape({"sizes": [400, 50, 60], "seq_len": 16}, hp).eval_batch("valid")
-        per_eval = hp["batch_size"] if valid_b == hp["batch_size"] else valid_b
-        valid = math.ceil(50 / (per_eval * (1 if hp["model"] == "classifier" else hp["seq_len"])))
+        per_eval = (hp.get("eval_batch_size") or hp["batch_size"]) * per_batch // hp["batch_size"]
+        valid = math.ceil(50 / per_eval)
         assert row["seconds"] >= row["steps"] * 0.01 + (hp["epochs"] + 2) * valid * 0.001
     text = plan.report(rows, 2, torch.device("cpu"))
     total = next(line for line in text.splitlines() if line.startswith("total"))

@@ -368,3 +368,17 @@ def test_four_stand_in_gpus_run_eight_jobs_never_two_on_one(tmp_path):
     at_once = max(sum(a0 <= t < a1 for _, a0, a1 in held) for t in starts)
     assert 2 <= at_once <= 4  # jobs did run side by side, never more than the GPUs
     assert all(r["deterministic"] is True for r in runs)  # the config's switch, recorded
+
+
+def test_the_rule_names_validation_reserves_are_the_workflows(tmp_path):
+    """config.RULES (names a study may not take) lists exactly the workflow's own rules: the
+    rest of `--list-rules` is one target per study and per paper."""
+    from normrnn.pipeline import config as nc
+
+    wf = workflow_copy(tmp_path)
+    cfg = load_tiny()
+    write_config(wf, cfg)
+    listed = set(snakemake(wf, "--list-rules").stdout.split())
+    targets = {s["name"] for s in cfg["studies"]}
+    targets |= {s[k] for s in cfg["studies"] for k in ("paper", "experiment_of") if k in s}
+    assert listed - targets == set(nc.RULES)

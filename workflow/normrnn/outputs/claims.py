@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .tables import welch_p
+from .tables import HIGHER_IS_BETTER, welch_p
 
-HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "perplexity": False}
 # A claim on another column than the metric reads it in that column's direction (times and
 # memory: lower is better; throughputs: higher). Times are the jobs' own, beside other jobs.
 COLUMN_HIGHER_IS_BETTER = {

@@ -42,8 +42,8 @@ def _cell(values: pd.Series, statuses: pd.Series, digits: int) -> str:
 
 
 MIN_SEEDS = 3  # finished seeds a side before a difference is tested
-DIRECTION = {"accuracy": "higher is better", "bpc": "lower is better",
-             "perplexity": "lower is better"}  # fmt: skip
+HIGHER_IS_BETTER = {"accuracy": True, "bpc": False, "perplexity": False}  # the test metrics
+DIRECTION = {m: "higher is better" if h else "lower is better" for m, h in HIGHER_IS_BETTER.items()}
 SIGNIFICANCE = (
     f"p: Welch's t-test of each variant against its task's baseline, where both sides have "
     f"{MIN_SEEDS} finished seeds or more, Benjamini-Hochberg-adjusted over the table's tests "
