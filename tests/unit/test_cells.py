@@ -1,5 +1,8 @@
 """Cells and models: agreement with torch's fused modules, gradients, and training."""
 
+import importlib
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,6 +209,18 @@ def test_the_sequence_path_leaves_masks_and_recording_to_the_loop():
     with recording(layer) as hs:  # each h_t a graph node: only the loop makes them
         y = layer(x)[0]
     assert len(hs) == 6 and torch.equal(torch.stack(hs), y)
+
+
+@pytest.mark.parametrize("module", ["lstm", "gru"])
+def test_the_sequence_functions_name_what_they_pass_on(module):
+    """The Function's inputs are named as its forward body takes them, and the names it keeps
+    for the backward are the backward body's parameters, in order (x first, the h_t last)."""
+    mod = importlib.import_module(f"normrnn.compute.sequence.{module}")
+    params = lambda f: list(inspect.signature(f).parameters)  # noqa: E731
+    assert params(getattr(mod, f"_{module}_forward"))[2:] == list(mod.INPUTS)
+    backward = params(getattr(mod, f"_{module}_backward"))
+    kept = backward[backward.index("need_x") + 1 : backward.index("hs") + 1]
+    assert kept == ["x", *mod.SAVED, "hs"] and set(mod.SAVED) <= set(mod.INPUTS)
 
 
 def keep_statistics(layer):

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import yaml
 
+from normrnn.pipeline import check, versions
 from normrnn.pipeline import config as nc
-from normrnn.pipeline import versions
 from pipeline_helpers import BAD_CONFIGS, load_tiny
 
 
@@ -56,6 +56,14 @@ def test_code_versions_follow_the_files_that_decide_their_outputs(tmp_path):
     with open(package / "outputs" / "bench.py", "a") as f:
         f.write("\n")
     assert three()[0] == after_tables[0] and three()[1] != after_tables[1]
+    after_bench = three()
+    for command in ("pipeline/check.py", "__main__.py"):  # the commands decide no number
+        with open(package / command, "a") as f:
+            f.write("\n")
+    assert three() == after_bench
+    with open(package / "pipeline" / "config.py", "a") as f:
+        f.write("\n")
+    assert three()[0] != after_bench[0]
 
 
 def test_cuda_without_a_device_is_refused_by_name(monkeypatch):
@@ -73,10 +81,10 @@ def test_a_yaml_error_names_the_file_line_and_column(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("defaults:\n  lr: 0.1\nstudies:\n  - name: [a\n    tasks: x\n")
     with pytest.raises(nc.ConfigError, match=rf"{bad}:5:10: "):
-        nc.load(bad)
+        check.load(bad)
     good = tmp_path / "tiny.yaml"
     good.write_text(yaml.safe_dump(load_tiny()))
-    assert nc.main([str(good), str(bad)]) == 1  # the command fails if any file does
+    assert check.main([str(good), str(bad)]) == 1  # the command fails if any file does
     out = capsys.readouterr().out.splitlines()
     n = len(nc.expand(nc.validate(load_tiny())))
     assert out[0].startswith(f"{good}: valid, {n} runs (") and out[1].startswith(
@@ -88,4 +96,4 @@ def test_a_config_that_is_not_a_mapping_is_refused_by_file(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")
     with pytest.raises(nc.ConfigError, match=f"{path}: a config is a mapping"):
-        nc.load(path)
+        check.load(path)

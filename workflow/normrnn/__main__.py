@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "check": "normrnn.pipeline.config",
+    "check": "normrnn.pipeline.check",
     "plan": "normrnn.outputs.plan",
     "bench": "normrnn.outputs.bench",
     "overhead": "normrnn.outputs.overhead",

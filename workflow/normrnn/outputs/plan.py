@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..methods.models import build_model
 from ..methods.norms import uses_batch_norm
 from ..pipeline import config as nc
+from ..pipeline.check import load
 from ..pipeline.training import model_spec
 
 # A dataset's sizes where it is not prepared yet: training examples or tokens, validation and
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--csv", type=Path, default=None, help="write the per-run estimates here")
     args = p.parse_args(argv)
     try:
-        config = nc.validate(nc.load(args.configfile))
+        config = nc.validate(load(args.configfile))
     except nc.ConfigError as e:
         raise SystemExit(str(e)) from None
     device = torch.device(args.device)

@@ -9,8 +9,9 @@ import hashlib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]  # workflow/normrnn
-# What decides no run's numbers: it tables, plots, judges, times or records finished runs.
-OUTPUT_PARTS = ("outputs", "pipeline/provenance.py")
+# What decides no run's numbers: it tables, plots, judges, times or records finished runs,
+# or checks a config file and dispatches the commands.
+OUTPUT_PARTS = ("outputs", "pipeline/provenance.py", "pipeline/check.py", "__main__.py")
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
 
 

@@ -3,11 +3,22 @@ Function, the step loop forward and backward in torch, and the compiled loop's w
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ...methods.norms.base import Recurrence
 from .. import native
-from .loop import _keep_statistics, _loop_begin, _loop_term, _loop_work, _scales, _xhat, loop_specs
+from .loop import (
+    CompiledSteps,
+    _keep_statistics,
+    _loop_begin,
+    _loop_term,
+    _loop_work,
+    _scales,
+    _xhat,
+    loop_specs,
+)
 from .steps import (
     _affine,
     _backward,
@@ -23,6 +34,21 @@ from .steps import (
     _weight_grad,
 )
 
+# The Function's inputs after rec and grad, and those its backward keeps (besides x and the h_t):
+# SAVED are the names of _gru_backward's parameters between need_x and hs.
+INPUTS = ("x", "w_hh", "b_hn", "h0", "bias", "w_ih", "w_x", "b_x", "w_h", "b_h")
+SAVED = ("w_hh", "w_ih", "w_x", "w_h")
+
+
+class GRUSteps(NamedTuple):
+    """What the torch step loop keeps for its backward: the input and hidden terms' per-step
+    saved values and their x̂ (empty lists for an absent term)."""
+
+    saved_x: list
+    saved_h: list
+    xhat_x: list
+    xhat_h: list
+
 
 def gru_sequence(rec: Recurrence, x, w_hh, b_hn, h0, bias=None, w_ih=None):
     """Runs the GRU (``cells.GRULayer``'s form) over ``x`` from ``h0``: the input term with
@@ -37,8 +63,8 @@ def gru_sequence(rec: Recurrence, x, w_hh, b_hn, h0, bias=None, w_ih=None):
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h
-        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, saved=(1, 5, 6, 8))
+    def forward(ctx, rec, grad, *inputs):  # named by INPUTS
+        return _forward(ctx, "gru", _gru_forward, rec, grad, inputs, INPUTS, SAVED)
 
     @staticmethod
     def backward(ctx, d_y, d_hT):
@@ -83,12 +109,12 @@ def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
             nt = nt * rec.candidate_scale
         # h' = n + z (h - n)
         h = torch.addcmul(nt, z[t], h - nt, out=h_out[t])
-    return hs, (saved_x, saved_h, xhat_x, xhat_h)
+    return hs, GRUSteps(saved_x, saved_h, xhat_x, xhat_h)
 
 
 def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT):
     """The backward of :func:`_gru_forward`: the gradients of the Function's inputs."""
-    if terms[0] == "compiled":
+    if isinstance(terms, CompiledSteps):
         args = (x, w_hh, w_ih, w_x, hs, d_y, d_hT)
         return _gru_backward_compiled(rec, ws, terms, need_x, *args)
     hidden = rec.hidden
@@ -149,12 +175,12 @@ def _gru_forward_compiled(rec, ws, spec, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
     _keep_statistics(rec.t0, (rec.hidden, hidden))
-    return hs, ("compiled", *saved, hidden)
+    return hs, CompiledSteps(*saved, hidden)
 
 
 def _gru_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT):
     """:func:`_gru_backward` after :func:`_gru_forward_compiled`."""
-    _, saved_x, xhat_x, hidden = terms
+    saved_x, xhat_x, hidden, _ = terms
     act, hnb = ws.buffers["act"], ws.buffers["hnb"]
     steps, batch, gates = act.shape
     size = gates // 3

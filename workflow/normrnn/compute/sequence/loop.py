@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ...methods.norms.base import Recurrence
@@ -29,6 +31,17 @@ def loop_form(rec: Recurrence, batch: int, cell: bool = True) -> tuple | None:
     if any(t is not None and s is None for t, s in zip(terms, specs, strict=True)):
         return None
     return specs
+
+
+class CompiledSteps(NamedTuple):
+    """What a compiled forward keeps for its backward: the input term's saved steps and x̂
+    (as :func:`_input_steps` fills them), and the hidden and cell terms' LoopTerms (None
+    where a term is absent; the GRU has no cell)."""
+
+    saved_x: list
+    xhat_x: list
+    hidden: native.LoopTerm | None
+    cell: native.LoopTerm | None = None
 
 
 def _loop_term(ws, name, term, spec, weight, bias, steps, batch, features, t0=0):
@@ -101,7 +114,7 @@ def _loop_begin(rec, ws, x, h0, bias, w_ih, w_x, b_x, gates: int):
     """What both cells' compiled forwards start with: the input term of all steps
     (:func:`_loop_input`), the gates' buffer ``act`` and all h_t from ``h0`` (saved for
     backward: never a workspace buffer). Returns (steps, batch, size), the input term,
-    ``act``, the h_t and the input term's saved steps."""
+    ``act``, the h_t, and the input term's saved steps and x̂."""
     xp = _project(ws, x, w_ih)
     steps, batch, width = xp.shape
     saved_x, xhat_x = [], []

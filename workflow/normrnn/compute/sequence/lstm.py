@@ -3,11 +3,22 @@ and backward in torch, and the compiled loop's wrappers."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ...methods.norms.base import Recurrence
 from .. import native
-from .loop import _keep_statistics, _loop_begin, _loop_term, _loop_work, _scales, _xhat, loop_specs
+from .loop import (
+    CompiledSteps,
+    _keep_statistics,
+    _loop_begin,
+    _loop_term,
+    _loop_work,
+    _scales,
+    _xhat,
+    loop_specs,
+)
 from .steps import (
     _affine,
     _backward,
@@ -24,6 +35,23 @@ from .steps import (
     _weight_grad,
 )
 
+# The Function's inputs after rec and grad, and those its backward keeps (besides x and the h_t):
+# SAVED are the names of _lstm_backward's parameters between need_x and hs.
+INPUTS = ("x", "w_hh", "h0", "c0", "bias", "w_ih", "w_x", "b_x", "w_h", "b_h", "w_c", "b_c")
+SAVED = ("w_hh", "w_ih", "w_x", "w_h", "w_c")
+
+
+class LSTMSteps(NamedTuple):
+    """What the torch step loop keeps for its backward: each term's per-step saved values
+    (``TermNorm.step``'s) and its x̂ (empty lists for an absent term)."""
+
+    saved_x: list
+    saved_h: list
+    saved_c: list
+    xhat_x: list
+    xhat_h: list
+    xhat_c: list
+
 
 def lstm_sequence(rec: Recurrence, x, w_hh, h0, c0, bias=None, w_ih=None):
     """Runs the LSTM over ``x`` from ``(h0, c0)``: the input term with its bias (T, B, 4H),
@@ -36,8 +64,8 @@ def lstm_sequence(rec: Recurrence, x, w_hh, h0, c0, bias=None, w_ih=None):
 
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rec, grad, *inputs):  # x, w_hh, h0, c0, bias, w_ih, then gains, shifts
-        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, saved=(1, 5, 6, 8, 10))
+    def forward(ctx, rec, grad, *inputs):  # named by INPUTS
+        return _forward(ctx, "lstm", _lstm_forward, rec, grad, inputs, INPUTS, SAVED)
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT):
@@ -93,12 +121,12 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
         h = torch.mul(o[t], tc[t], out=h_out[t])
         if rec.output_scale != 1.0:
             h.mul_(rec.output_scale)
-    return hs, cs, (saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c)
+    return hs, cs, LSTMSteps(saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c)
 
 
 def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
     """The backward of :func:`_lstm_forward`: the gradients of the Function's inputs."""
-    if terms[0] == "compiled":
+    if isinstance(terms, CompiledSteps):
         args = (x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT)
         return _lstm_backward_compiled(rec, ws, terms, need_x, *args)
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
@@ -170,12 +198,12 @@ def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
         work=_loop_work(ws, batch, size),
     )  # fmt: skip
     _keep_statistics(rec.t0, (rec.hidden, hidden), (rec.cell, cell))
-    return hs, cs, ("compiled", *saved, hidden, cell)
+    return hs, cs, CompiledSteps(*saved, hidden, cell)
 
 
 def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT):
     """:func:`_lstm_backward` after :func:`_lstm_forward_compiled`."""
-    _, saved_x, xhat_x, hidden, cell = terms
+    saved_x, xhat_x, hidden, cell = terms
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
     steps, batch, gates = act.shape
     size = gates // 4

@@ -159,12 +159,12 @@ def _terms(rec: Recurrence) -> tuple:
     return tuple(t for t in (rec.input, rec.hidden, rec.cell) if t is not None)
 
 
-def _forward(ctx, kind, body, rec, grad, inputs, saved):
+def _forward(ctx, kind, body, rec, grad, inputs, names, saved):
     """The forward of a sequence Function: runs ``body`` (``_lstm_forward``/``_gru_forward``)
     on a workspace, through a CUDA graph where one applies, and keeps for the backward the
-    inputs at the indices ``saved``, the first input with an input term (x), and all h_t.
-    Returns y and the final state (the last row of each state sequence the body returns
-    before the terms' saved steps)."""
+    first input (x) where there is an input term, the inputs named in ``saved`` (``inputs``
+    are named by ``names``) and all h_t. Returns y and the final state (the last row of each
+    state sequence the body returns before the terms' saved steps)."""
     x, w_hh = inputs[:2]
     key = (kind, *x.shape, *w_hh.shape, x.dtype, x.device)
     owner = object()
@@ -177,7 +177,8 @@ def _forward(ctx, kind, body, rec, grad, inputs, saved):
         ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
         ctx.terms = terms
         x = used[0] if rec.input is not None else None  # on a graph: its static inputs
-        ctx.save_for_backward(x, *(used[i] for i in saved), hs)
+        used = dict(zip(names, used, strict=True))
+        ctx.save_for_backward(x, *(used[name] for name in saved), hs)
     else:
         workspace.POOL.give(key, ws)
     y = hs[1:] if entry is None else hs[1:].clone()  # never a buffer someone reuses

@@ -16,8 +16,9 @@ variable-length sequences: batch statistics are taken over the real positions on
 Activation normalizations (BN, LN, RMS, ...) are one *term* module each, wrapped by
 :class:`ActivationNorm` which puts one instance on the input term, one on the hidden term and,
 optionally, one on ``c_t``. The modules by family: ``base`` (the hooks, the term module, the
-types the fast paths read), ``layerwise`` (LN, RMS, pRMS), ``batch`` (BN and its statistics),
-``lp_batch`` (L1, L∞ and ghost batch norm), ``weight`` (WN, normalization propagation).
+types the fast paths read), ``layerwise`` (LN, RMS, pRMS), ``batch`` (BN), ``population``
+(BN's population statistics), ``lp_batch`` (L1, L∞ and ghost batch norm), ``weight`` (WN,
+normalization propagation).
 """
 
 from __future__ import annotations
@@ -37,12 +38,7 @@ from .base import (
     compiled_steps,
     initial_gains,
 )
-from .batch import (
-    BatchNormTerm,
-    batch_mean,
-    estimate_population_statistics,
-    frozen_statistics,
-)
+from .batch import BatchNormTerm, batch_mean
 from .layerwise import (
     GroupLayerNorm,
     GroupRMSNorm,
@@ -52,6 +48,7 @@ from .layerwise import (
     rms_step_backward,
 )
 from .lp_batch import L1_CONSTANT, GhostLinfBatchNorm, L1BatchNorm, LinfBatchNorm, linf_constant
+from .population import estimate_population_statistics, frozen_statistics
 from .weight import TANH_VARIANCE_TABLE, NormProp, WeightNorm, tanh_variance, unit_rows
 
 __all__ = [
