@@ -86,7 +86,7 @@ LOOPING = {("gru", "rms_zhang"), ("gru", "prms_zhang")}
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_every_norm_has_a_fast_path(cell):
     """Weight-only norms take the fused kernel, every other norm the hand-written recurrence,
-    except those of LOOPING (README: which norms loop, and why)."""
+    except those of LOOPING (docs/architecture.md: which norms loop, and why)."""
     fused = {n for n in NORMS if NORMS[n](hidden_size=2, gates=1).weight_only}
     assert fused == {"none", "wn", "wn_bounded"}
 
