@@ -9,8 +9,8 @@ PARAMS = {
 }  # fmt: skip
 
 
-def run_train(out, data_dir, params=PARAMS, device="cpu", **kw):
+def run_train(out, data_dir, params=PARAMS, device="cpu", log=lambda m: None, **kw):
     return train(
         params, data_dir, out / "model.pt", out / "history.csv", out / "train.json", out / "ckpt",
-        device=device, log=lambda m: None, **kw,
+        device=device, log=log, **kw,
     )  # fmt: skip

@@ -26,9 +26,10 @@ N_RUNS = N_ALPHA + N_BETA + N_GAMMA + N_DELTA
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    """A tiny workflow run once; tests below read and rerun it."""
+    """A tiny workflow run once, with TensorBoard curves on; tests below read and rerun it
+    (with the curves off: a job setting, it reruns nothing)."""
     wf = workflow_copy(tmp_path_factory.mktemp("pipeline"))
-    write_config(wf, load_tiny())
+    write_config(wf, {**load_tiny(), "tensorboard": True})
     snakemake(wf, "--cores", "2")
     return wf
 
@@ -91,6 +92,27 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
     assert set(df["code_commit"]) == {"unknown"} and df["code_version"].nunique() == 1
     assert set(df["torch_version"]) == {torch.__version__} and df["device_name"].notna().all()
     assert (df["train_wall_s"] > 0).all() and (df["eval_wall_s"] > 0).all()
+
+
+def test_each_run_wrote_its_curves_for_tensorboard(done):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted((done / "results" / "runs").glob("*/*/*/eval.json"))
+    assert len(runs) == N_RUNS
+    for run in runs:
+        acc = EventAccumulator(str(run.parent / "tensorboard"))
+        acc.Reload()
+        steps = json.loads((run.parent / "train.json").read_text())["steps"]
+        if steps == 0:  # study gamma diverges at its first step: nothing to draw
+            assert acc.Tags()["scalars"] == [], run
+            continue
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, steps + 1)), run
+        history = pd.read_csv(run.parent / "history.csv")
+        valid = [(e.step, e.value) for e in acc.Scalars("epoch/valid_loss")]
+        expected = zip(history["step"], history["valid_loss"].astype("float32"), strict=True)
+        assert valid == list(expected), run
 
 
 def test_gradient_flow_is_recorded_at_init_and_after_training(done):

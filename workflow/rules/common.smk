@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from normrnn.pipeline import config as nc  # noqa: E402
-from normrnn.pipeline import gpu_slots, versions, worker  # noqa: E402
+from normrnn.pipeline import gpu_slots, tracking, versions, worker  # noqa: E402
 
 nc.validate(config)
 
@@ -179,14 +179,19 @@ def use_worker() -> bool:
     """Whether a job worker serves this run (normrnn.pipeline.worker): jobs on this machine, in this
     environment (not a cluster executor, not conda environments), unless switched off.
     """
+    return config.get("job_worker", True) and workflow.local_exec and not uses_conda()
+
+
+def uses_conda() -> bool:
     from snakemake.settings.types import DeploymentMethod
 
-    methods = workflow.deployment_settings.deployment_method
-    return (
-        config.get("job_worker", True)
-        and workflow.local_exec
-        and DeploymentMethod.CONDA not in methods
-    )
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+# The curves' writer needs the [track] extra: refused before any job where the jobs run in this
+# environment (a conda env has it: envs/train.yaml).
+if config["tensorboard"] and not uses_conda() and tracking.missing():
+    raise nc.ConfigError(tracking.missing())
 
 
 onstart:

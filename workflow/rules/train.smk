@@ -23,6 +23,7 @@ rule train:
         runtime=train_resources("runtime_min", 60),
         # a setting of the job, not of its result: a resource changes no params
         checkpoint_every=train_resources("checkpoint_every", 0),
+        tensorboard=int(config["tensorboard"]),  # the run's curves as it trains (tracking.py)
     params:
         hp=lambda w: run_of(w).params(),
         code=CODE_VERSION,

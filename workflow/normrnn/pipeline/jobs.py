@@ -81,6 +81,7 @@ def train_job(smk):
         _setup(smk)
         data_dir = Path(smk.input.meta).parent
         hp = {**smk.params.hp, "checkpoint_every": smk.resources.checkpoint_every}
+        curves = getattr(smk.resources, "tensorboard", 0)  # a job setting: reruns nothing
         n = gpu_slots.local_gpus() if smk.params.device in ("auto", "cuda") else 0
         slot = gpu_slots.claim(n, log=lambda m: print(m, flush=True)) if n else None
         device = gpu_slots.device_for(smk.params.device, slot)
@@ -95,6 +96,7 @@ def train_job(smk):
             device=device,
             log=lambda m: print(m, flush=True),
             code=smk.params.code,
+            curves_dir=Path(smk.output.model).parent / "tensorboard" if curves else None,
         )
         # what produced it (provenance.py): train.json and, through it, eval.json and the summary
         info.update(provenance.record(resolve_device(device)), code_version=smk.params.code)

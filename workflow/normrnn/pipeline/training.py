@@ -36,6 +36,7 @@ import torch
 from ..compute.paths import route_record
 from ..methods.models import build_model, recurrent_layers
 from ..methods.norms import activation_term
+from . import tracking
 from .checkpoint import Checkpointer, fingerprint, restore_rng_states, rng_states
 from .config import JOB_SETTINGS
 from .files import write_atomic
@@ -128,10 +129,12 @@ def train(
     device="auto",
     log=None,
     code="",
+    curves_dir=None,
 ):
     """Train one run; write the model (last and best-validation weights), the per-epoch
     history (CSV) and a JSON summary. ``code`` (the package's code hash) joins the params in
-    the checkpoint's fingerprint."""
+    the checkpoint's fingerprint; ``curves_dir``: where a TensorBoard writer puts the run's
+    curves as it trains (``tracking``; none without)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = resolve_device(device)
     torch.manual_seed(params["seed"])
@@ -188,6 +191,7 @@ def train(
     max_batches = params.get("max_batches", 0)
     valid_statistics = params.get("valid_statistics", "population")
     last_report = time.perf_counter()
+    curves = tracking.curves(curves_dir, resumed_at=st.step)
     try:
         while st.status == "running" and st.epoch < params["epochs"]:
             model.train()
@@ -214,6 +218,7 @@ def train(
                 update_preconditioners(model, opt)
                 st.state = state
                 st.step += 1
+                curves.step(st.step, value)
                 st.batch = b + 1
                 st.loss_sum += value * n
                 st.loss_count += n
@@ -257,6 +262,7 @@ def train(
                 "seconds": time.perf_counter() - t_epoch,
             }
             st.history.append(row)
+            curves.epoch(row)
             log(
                 " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
@@ -280,6 +286,7 @@ def train(
             if st.status == "running":
                 checkpoint()
     finally:
+        curves.close()
         for s, h in old.items():
             signal.signal(s, h)
     if st.status == "running":

@@ -10,8 +10,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]  # workflow/normrnn
 # What decides no run's numbers: it tables, plots, judges, times or records finished runs,
-# or checks a config file and dispatches the commands.
-OUTPUT_PARTS = ("outputs", "pipeline/provenance.py", "pipeline/check.py", "__main__.py")
+# writes curves for a watcher, or checks a config file and dispatches the commands.
+OUTPUT_PARTS = (
+    "outputs",
+    "pipeline/provenance.py",
+    "pipeline/tracking.py",
+    "pipeline/check.py",
+    "__main__.py",
+)
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".yaml")
 
 
