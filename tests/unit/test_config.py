@@ -97,3 +97,12 @@ def test_a_config_that_is_not_a_mapping_is_refused_by_file(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(nc.ConfigError, match=f"{path}: a config is a mapping"):
         check.load(path)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((versions.PACKAGE.parents[1] / "config").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_is_valid(path, capsys):
+    """What `python -m normrnn check` says of each config the project ships: valid, with runs."""
+    assert check.main([str(path)]) == 0, capsys.readouterr().out
+    assert f"{path}: valid, " in capsys.readouterr().out
