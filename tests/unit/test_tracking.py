@@ -5,18 +5,11 @@ import sys
 
 import pandas as pd
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from train_helpers import PARAMS, run_train
+from train_helpers import PARAMS, curves_of, run_train
 
 from normrnn.pipeline import tracking
 
 PLAIN = {**PARAMS, "quant": "fp", "checkpoint_every": 0}  # 3 epochs of 12 steps
-
-
-def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 class Interrupted(Exception):
@@ -32,7 +25,7 @@ def uninterrupted(tmp_path_factory, digits_dir):
 
 
 def test_a_run_writes_a_loss_per_step_and_its_history_per_epoch(uninterrupted):
-    curves = scalars(uninterrupted / "tb")
+    curves = curves_of(uninterrupted / "tb")
     assert [s for s, _ in curves["train/loss"]] == list(range(1, 37))
     history = pd.read_csv(uninterrupted / "history.csv")
     for column in ("train_loss", "valid_loss", "valid_accuracy", "lr"):
@@ -54,10 +47,10 @@ def test_a_resumed_run_holds_each_step_once(tmp_path, digits_dir, uninterrupted)
 
     with pytest.raises(Interrupted):
         run_train(tmp_path, digits_dir, PLAIN, curves_dir=tmp_path / "tb", log=stop_after_epoch_2)
-    assert [s for s, _ in scalars(tmp_path / "tb")["train/loss"]] == list(range(1, 25))
+    assert [s for s, _ in curves_of(tmp_path / "tb")["train/loss"]] == list(range(1, 25))
     info = run_train(tmp_path, digits_dir, PLAIN, curves_dir=tmp_path / "tb")
     assert info["status"] == "ok" and info["steps"] == 36
-    resumed, clean = scalars(tmp_path / "tb"), scalars(uninterrupted / "tb")
+    resumed, clean = curves_of(tmp_path / "tb"), curves_of(uninterrupted / "tb")
     assert [s for s, _ in resumed["train/loss"]] == list(range(1, 37))
     assert [v for _, v in resumed["train/loss"]] == pytest.approx(
         [v for _, v in clean["train/loss"]], rel=1e-5
@@ -65,9 +58,27 @@ def test_a_resumed_run_holds_each_step_once(tmp_path, digits_dir, uninterrupted)
     assert [s for s, _ in resumed["epoch/valid_loss"]] == [12, 24, 36]
 
 
-def test_without_a_directory_nothing_is_written(tmp_path, digits_dir):
-    run_train(tmp_path, digits_dir, {**PLAIN, "epochs": 1})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+def test_a_run_from_step_0_starts_its_curves_afresh(tmp_path, digits_dir):
+    """Killed in its first epoch with no checkpoint (or rerun after a change): the next
+    attempt starts at step 0 and its curves hold each step once, not both attempts'."""
+
+    def stop_in_epoch_1(message):
+        if message.startswith("epoch=1 "):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_train(tmp_path, digits_dir, PLAIN, curves_dir=tmp_path / "tb", log=stop_in_epoch_1)
+    assert not (tmp_path / "ckpt" / "last.pt").exists()  # (no checkpoint before the epoch's)
+    run_train(tmp_path, digits_dir, PLAIN, curves_dir=tmp_path / "tb")
+    assert [s for s, _ in curves_of(tmp_path / "tb")["train/loss"]] == list(range(1, 37))
+
+
+def test_without_a_directory_nothing_is_written(tmp_path, digits_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (a writer without a directory would write ./runs)
+    (tmp_path / "out").mkdir()
+    run_train(tmp_path / "out", digits_dir, {**PLAIN, "epochs": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "history.csv", "model.pt", "train.json"
     ]  # fmt: skip
 

@@ -40,7 +40,9 @@ def train_job(out: Path, data_dir: Path, **params) -> SimpleNamespace:
             hp={**PARAMS, **params}, code="test", ckpt=str(out / "ckpt"), device="cpu",
             run={"study": "s", "task": "t", "run": "r"},
         ),
-        resources=SimpleNamespace(checkpoint_every={**PARAMS, **params}["checkpoint_every"]),
+        resources=SimpleNamespace(
+            checkpoint_every={**PARAMS, **params}["checkpoint_every"], tensorboard=0
+        ),
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from train_helpers import curves_of
 
 from pipeline_helpers import (
     BAD_CONFIGS,
@@ -97,22 +98,32 @@ def test_summary_has_one_row_per_run_with_finite_metrics(done):
 def test_each_run_wrote_its_curves_for_tensorboard(done):
     import json
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     runs = sorted((done / "results" / "runs").glob("*/*/*/eval.json"))
     assert len(runs) == N_RUNS
     for run in runs:
-        acc = EventAccumulator(str(run.parent / "tensorboard"))
-        acc.Reload()
+        curves = curves_of(run.parent / "tensorboard")
         steps = json.loads((run.parent / "train.json").read_text())["steps"]
         if steps == 0:  # study gamma diverges at its first step: nothing to draw
-            assert acc.Tags()["scalars"] == [], run
+            assert curves == {}, run
             continue
-        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, steps + 1)), run
+        assert [s for s, _ in curves["train/loss"]] == list(range(1, steps + 1)), run
         history = pd.read_csv(run.parent / "history.csv")
-        valid = [(e.step, e.value) for e in acc.Scalars("epoch/valid_loss")]
         expected = zip(history["step"], history["valid_loss"].astype("float32"), strict=True)
-        assert valid == list(expected), run
+        assert curves["epoch/valid_loss"] == list(expected), run
+
+
+def test_curves_without_their_package_are_refused_before_any_job(tmp_path):
+    """tensorboard: true where the package is missing (hidden from the import system here)."""
+    wf = workflow_copy(tmp_path)
+    write_config(wf, {**load_tiny(), "tensorboard": True})
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None\n")
+    proc = snakemake(wf, "-n", check=False, prefix=("env", f"PYTHONPATH={hide}"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rule fetch" not in out
+    assert "invalid config: tensorboard: true needs the tensorboard package" in out
+    assert "pip install -e '.[track]'" in out
 
 
 def test_gradient_flow_is_recorded_at_init_and_after_training(done):
@@ -237,9 +248,10 @@ def test_run_from_another_directory_with_s(tmp_path):
 
 
 def test_raising_a_jobs_limits_or_checkpoint_cadence_reruns_nothing(done):
-    """Time and memory limits and the checkpoint cadence are settings of a job, not of its
-    result (the natural fix after a SLURM time limit is to raise runtime_min)."""
-    cfg = load_tiny()
+    """Time and memory limits, the checkpoint cadence and the curves' writer are settings of a
+    job, not of its result (the natural fix after a SLURM time limit is to raise runtime_min);
+    ``done`` ran with the curves on, this plan has them off."""
+    cfg = {**load_tiny(), "tensorboard": False}
     cfg["defaults"].update(runtime_min=240, mem_mb=8000, checkpoint_every=7)
     write_config(done, cfg, "limits.yaml")
     assert [r for r, _ in planned_jobs(done, config="config/limits.yaml")] == []

@@ -190,8 +190,8 @@ def uses_conda() -> bool:
 
 # The curves' writer needs the [track] extra: refused before any job where the jobs run in this
 # environment (a conda env has it: envs/train.yaml).
-if config["tensorboard"] and not uses_conda() and tracking.missing():
-    raise nc.ConfigError(tracking.missing())
+if config["tensorboard"] and not uses_conda() and (why := tracking.missing()):
+    raise nc.ConfigError(why)
 
 
 onstart:

@@ -81,7 +81,7 @@ def train_job(smk):
         _setup(smk)
         data_dir = Path(smk.input.meta).parent
         hp = {**smk.params.hp, "checkpoint_every": smk.resources.checkpoint_every}
-        curves = getattr(smk.resources, "tensorboard", 0)  # a job setting: reruns nothing
+        curves = smk.resources.tensorboard  # a job setting, like the checkpoint cadence
         n = gpu_slots.local_gpus() if smk.params.device in ("auto", "cuda") else 0
         slot = gpu_slots.claim(n, log=lambda m: print(m, flush=True)) if n else None
         device = gpu_slots.device_for(smk.params.device, slot)

@@ -13,6 +13,7 @@ reruns nothing.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 KEY = "tensorboard"  # the config's switch
@@ -40,12 +41,15 @@ def require() -> None:
 class Curves:
     """A run's TensorBoard writer. ``resumed_at``: the last step of the checkpoint a resumed
     run starts from; what an earlier attempt wrote after it is dropped (TensorBoard's
-    ``purge_step``, the first step to drop)."""
+    ``purge_step``, the first step to drop). A run from step 0 (first start, a refused
+    checkpoint, a rerun after a change) starts an empty directory."""
 
     def __init__(self, logdir: str | Path, resumed_at: int = 0):
         require()
         from torch.utils.tensorboard import SummaryWriter
 
+        if not resumed_at:
+            shutil.rmtree(logdir, ignore_errors=True)
         self.writer = SummaryWriter(str(logdir), purge_step=resumed_at + 1 if resumed_at else None)
 
     def step(self, step: int, loss: float) -> None:
@@ -54,7 +58,7 @@ class Curves:
     def epoch(self, row: dict) -> None:
         """An epoch's history row, each number against the row's training step."""
         for name, value in row.items():
-            if name not in ("step",) and isinstance(value, int | float) and math.isfinite(value):
+            if name not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
                 self.writer.add_scalar(f"epoch/{name}", value, row["step"])
         self.writer.flush()  # an epoch is the unit a watcher waits for
 

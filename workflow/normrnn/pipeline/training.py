@@ -184,6 +184,7 @@ def train(
     def on_signal(signum, frame):
         stop["signal"] = signum
 
+    curves = tracking.curves(curves_dir, resumed_at=st.step)  # (before the handlers: may raise)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     bound = params.get("divergence_loss", 1e3)
     budget = params.get("time_budget_s", 0)
@@ -191,7 +192,6 @@ def train(
     max_batches = params.get("max_batches", 0)
     valid_statistics = params.get("valid_statistics", "population")
     last_report = time.perf_counter()
-    curves = tracking.curves(curves_dir, resumed_at=st.step)
     try:
         while st.status == "running" and st.epoch < params["epochs"]:
             model.train()

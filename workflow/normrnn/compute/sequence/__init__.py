@@ -20,7 +20,7 @@ call of its step (each still with its own statistics), and its backward after th
 likewise. Normalized as one block in autograd, it took three more passes over a
 (T, B, gates·H) tensor each way, each into freshly allocated memory, which cost more than
 per-step calls; in one call over all steps each op is a pass over that tensor out of cache,
-while a stack stays in it (the README's benchmark section has the figures). A term whose
+while a stack stays in it (docs/performance.md has the figures). A term whose
 statistics span all steps (shared batch statistics in training: ``TermNorm.stepwise``
 false) normalizes the block as one step of T·B rows. Tests hold this path to the step loop
 (outputs, gradients, population statistics) and its backward to finite differences
@@ -44,10 +44,10 @@ __all__ = ["POOL", "STACK", "Workspace", "WorkspacePool", "gru_sequence", "kept_
 
 def kept_tensors(node) -> list:
     """The tensors a sequence Function's backward ``node`` keeps beside autograd's saved ones
-    (its workspace's buffers and its terms' saved steps); none for any other node."""
+    (its workspace's buffers and the record its body kept); none for any other node."""
     if not isinstance(node, _LSTMSequence._backward_cls | _GRUSequence._backward_cls):
         return []
-    return list(_tensors((list(node.ws.buffers.values()), node.terms)))
+    return list(_tensors((list(node.ws.buffers.values()), node.kept)))
 
 
 def _tensors(obj):

@@ -112,14 +112,14 @@ def _gru_forward(rec, ws, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
     return hs, GRUSteps(saved_x, saved_h, xhat_x, xhat_h)
 
 
-def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT):
+def _gru_backward(rec, ws, kept, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT):
     """The backward of :func:`_gru_forward`: the gradients of the Function's inputs."""
-    if isinstance(terms, CompiledSteps):
+    if isinstance(kept, CompiledSteps):
         args = (x, w_hh, w_ih, w_x, hs, d_y, d_hT)
-        return _gru_backward_compiled(rec, ws, terms, need_x, *args)
+        return _gru_backward_compiled(rec, ws, kept, need_x, *args)
     hidden = rec.hidden
     act, hnb = ws.buffers["act"], ws.buffers["hnb"]
-    saved_x, saved_h, xhat_x, xhat_h = terms
+    saved_h = kept.saved_h
     steps, batch, gates = act.shape
     size = gates // 3
     r, z, n = act.chunk(3, 2)
@@ -158,9 +158,11 @@ def _gru_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, hs, d_y, d_hT
     d_w = _weight_grad(d_a, d_hid, hs, ws)
     d_b_hn = d_pre[..., 2 * size :].mul(r).sum((0, 1))
     spare = ws("xhat", steps, batch, gates)
-    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
+    d_x, *d_input = _input_grads(
+        rec, ws, x, need_x, w_ih, kept.saved_x, w_x, d_pre, kept.xhat_x, spare
+    )
     grads = [d_x, d_w, d_b_hn, dh, *d_input]
-    return grads + _term_grads(hidden, xhat_h, d_hid, spare)
+    return grads + _term_grads(hidden, kept.xhat_h, d_hid, spare)
 
 
 def _gru_forward_compiled(rec, ws, spec, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x, w_h, b_h):
@@ -178,9 +180,9 @@ def _gru_forward_compiled(rec, ws, spec, x, w_hh, b_hn, h0, bias, w_ih, w_x, b_x
     return hs, CompiledSteps(*saved, hidden)
 
 
-def _gru_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT):
+def _gru_backward_compiled(rec, ws, kept, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT):
     """:func:`_gru_backward` after :func:`_gru_forward_compiled`."""
-    saved_x, xhat_x, hidden, _ = terms
+    hidden = kept.hidden
     act, hnb = ws.buffers["act"], ws.buffers["hnb"]
     steps, batch, gates = act.shape
     size = gates // 3
@@ -197,6 +199,8 @@ def _gru_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, 
     d_w = torch.mm((d_hid if d_a is None else d_a).flatten(0, 1).t(), hs[:-1].flatten(0, 1))
     d_b_hn = d_pre[..., 2 * size :].mul(act[..., :size]).sum((0, 1))
     spare = ws("xhat", steps, batch, gates)
-    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
+    d_x, *d_input = _input_grads(
+        rec, ws, x, need_x, w_ih, kept.saved_x, w_x, d_pre, kept.xhat_x, spare
+    )
     grads = [d_x, d_w, d_b_hn, d_h0, *d_input]
     return grads + _term_grads(rec.hidden, _xhat(hidden), d_hid, spare)

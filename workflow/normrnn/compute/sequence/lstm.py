@@ -124,13 +124,13 @@ def _lstm_forward(rec, ws, x, w_hh, h0, c0, bias, w_ih, w_x, b_x, w_h, b_h, w_c,
     return hs, cs, LSTMSteps(saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c)
 
 
-def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
+def _lstm_backward(rec, ws, kept, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y, d_hT, d_cT):
     """The backward of :func:`_lstm_forward`: the gradients of the Function's inputs."""
-    if isinstance(terms, CompiledSteps):
+    if isinstance(kept, CompiledSteps):
         args = (x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT)
-        return _lstm_backward_compiled(rec, ws, terms, need_x, *args)
+        return _lstm_backward_compiled(rec, ws, kept, need_x, *args)
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
-    saved_x, saved_h, saved_c, xhat_x, xhat_h, xhat_c = terms
+    saved_h, saved_c = kept.saved_h, kept.saved_c
     steps, batch, gates = act.shape
     size = gates // 4
     i, f, g, o = act.chunk(4, 2)
@@ -176,9 +176,10 @@ def _lstm_backward(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, w_h, w_c, hs, d_y
         dc = dc * fs[t] if rec.carry_scale == 1.0 else dc * fs[t] * rec.carry_scale
     d_w = _weight_grad(d_a, d_pre, hs, ws)
     # p and k, no longer needed, hold the terms' products
-    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, p)
+    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, kept.saved_x, w_x, d_pre, kept.xhat_x, p)
     grads = [d_x, d_w, torch.mm(da, w_hh), dc, *d_input]
-    return grads + _term_grads(hidden, xhat_h, d_pre, p) + _term_grads(cell, xhat_c, d_cn, k)
+    grads += _term_grads(hidden, kept.xhat_h, d_pre, p)
+    return grads + _term_grads(cell, kept.xhat_c, d_cn, k)
 
 
 def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
@@ -201,9 +202,9 @@ def _lstm_forward_compiled(rec, ws, specs, x, w_hh, h0, c0, bias, w_ih, *terms):
     return hs, cs, CompiledSteps(*saved, hidden, cell)
 
 
-def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT):
+def _lstm_backward_compiled(rec, ws, kept, need_x, x, w_hh, w_ih, w_x, hs, d_y, d_hT, d_cT):
     """:func:`_lstm_backward` after :func:`_lstm_forward_compiled`."""
-    saved_x, xhat_x, hidden, cell = terms
+    hidden, cell = kept.hidden, kept.cell
     act, cs, tcs = ws.buffers["act"], ws.buffers["cs"], ws.buffers["tcs"]
     steps, batch, gates = act.shape
     size = gates // 4
@@ -219,7 +220,9 @@ def _lstm_backward_compiled(rec, ws, terms, need_x, x, w_hh, w_ih, w_x, hs, d_y,
     )  # fmt: skip
     d_w = torch.mm((d_pre if d_a is None else d_a).flatten(0, 1).t(), hs[:-1].flatten(0, 1))
     spare = ws("p", steps, batch, gates)
-    d_x, *d_input = _input_grads(rec, ws, x, need_x, w_ih, saved_x, w_x, d_pre, xhat_x, spare)
+    d_x, *d_input = _input_grads(
+        rec, ws, x, need_x, w_ih, kept.saved_x, w_x, d_pre, kept.xhat_x, spare
+    )
     grads = [d_x, d_w, d_h0, d_c0, *d_input]
     grads += _term_grads(rec.hidden, _xhat(hidden), d_pre, spare)
     return grads + _term_grads(rec.cell, _xhat(cell), d_cn, ws("k", steps, batch, size))

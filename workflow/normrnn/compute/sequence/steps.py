@@ -169,13 +169,13 @@ def _forward(ctx, kind, body, rec, grad, inputs, names, saved):
     key = (kind, *x.shape, *w_hh.shape, x.dtype, x.device)
     owner = object()
     ws = workspace.POOL.take(key, x, owner)
-    (*states, terms), used, entry = graphs.run(
+    (*states, kept), used, entry = graphs.run(
         ws.graphs, partial(body, rec, ws), inputs, _terms(rec), _rec_signature(rec)
     )
     hs = states[0]
     if grad and any(ctx.needs_input_grad):  # (under no_grad these stay set)
         ctx.rec, ctx.key, ctx.ws, ctx.owner, ctx.entry = rec, key, ws, owner, entry
-        ctx.terms = terms
+        ctx.kept = kept  # what the body keeps for its backward (its named record)
         x = used[0] if rec.input is not None else None  # on a graph: its static inputs
         used = dict(zip(names, used, strict=True))
         ctx.save_for_backward(x, *(used[name] for name in saved), hs)
@@ -198,7 +198,7 @@ def _backward(ctx, body, grads_out) -> tuple:
             "forward of the same shape: its buffers were reused; run it on layer.path = 'loop'"
         )
     need_x = ctx.needs_input_grad[2]  # (the backward's graph differs without dx)
-    body = partial(body, ctx.rec, ws, ctx.terms, need_x, *ctx.saved_tensors)
+    body = partial(body, ctx.rec, ws, ctx.kept, need_x, *ctx.saved_tensors)
     if ctx.entry is None:
         grads = body(*grads_out)
     else:

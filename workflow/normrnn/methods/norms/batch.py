@@ -48,9 +48,9 @@ class BatchNormTerm(PopulationAverage, TermNorm):
     exponential average per step: the k-th update has weight max(``momentum``, 1/k), so the
     first batch replaces the initial values and the average has no start-up bias (with
     ``momentum = 0`` it is the exact mean over all updates, which
-    :func:`estimate_population_statistics` uses). ``warm_start=False`` gives every update the
-    weight ``momentum`` from the initial values on (torch's ``F.batch_norm``, which Hou et al.
-    use); ``unbiased`` averages the L2 statistic as the unbiased variance (torch again);
+    ``population.estimate_population_statistics`` uses). ``warm_start=False`` gives every
+    update the weight ``momentum`` from the initial values on (torch's ``F.batch_norm``, which
+    Hou et al. use); ``unbiased`` averages the L2 statistic as the unbiased variance (torch again);
     ``average="inverse_scale"`` averages 1/denominator instead of the statistic, from zeros
     (Hoffer et al.'s batch norms). In eval mode step ``t`` uses the population statistics of
     ``min(t, T_max - 1)`` where T_max is the number of steps seen in training (at most
